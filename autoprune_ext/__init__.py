@@ -1,0 +1,1 @@
+"""autoprune_ext: training-time pruning with learnable auxiliary masks (placeholder, being built)."""
