@@ -71,6 +71,11 @@ def broadcast_aux(aux: Tensor, weight: Tensor) -> Tensor:
     return aux
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as ``[units, elements per unit]`` (safe for empty tensors)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def indicator(aux: Tensor) -> Tensor:
     """The step function ``h(m) = 1 if m >= 0 else 0``, in ``aux``'s dtype."""
     return (aux >= 0).to(aux.dtype)
@@ -84,10 +89,9 @@ def surrogate(m: Tensor, name: str = "softplus", alpha: float = 0.1) -> Tensor:
         return torch.sigmoid(m)
     if name == "identity":
         return torch.ones_like(m)
-    if name == "leaky_relu":
-        return torch.where(m > 0, 1.0, alpha).to(m.dtype)
-    if name == "leaky_relu_reversed":
-        return torch.where(m > 0, alpha, 1.0).to(m.dtype)
+    if name in ("leaky_relu", "leaky_relu_reversed"):
+        one, a = torch.ones_like(m), torch.full_like(m, alpha)  # alpha in m's precision, not float32
+        return torch.where(m > 0, one, a) if name == "leaky_relu" else torch.where(m > 0, a, one)
     if name == "relu":
         return (m > 0).to(m.dtype)
     raise ValueError(f"surrogate: expected one of {SURROGATES}, got {name!r}")
@@ -126,7 +130,7 @@ def mask_backward(
         w = weight.to(cd)
         gc = g * (torch.sign(w) if rule == "sign" else w)
         if granularity_of(weight, aux) == "unit":
-            gc = gc.reshape(weight.shape[0], -1).sum(dim=1)
+            gc = _rows(gc).sum(dim=1)
             s = surrogate(aux.to(cd), surrogate_name, alpha)
         else:
             s = surrogate(m, surrogate_name, alpha)
@@ -154,7 +158,7 @@ def density_penalty(auxes: Tensor | Sequence[Tensor], lam: float, rho: float = 1
 def weight_magnitude(weight: Tensor, aux: Tensor) -> Tensor:
     """``|w|`` in ``aux``'s shape for ``inv_abs_weight``: the weight itself, or each unit's mean ``|W|``."""
     if granularity_of(weight, aux) == "unit":
-        return weight.detach().abs().reshape(weight.shape[0], -1).mean(dim=1)
+        return _rows(weight.detach().abs()).mean(dim=1)
     return weight.detach().abs()
 
 

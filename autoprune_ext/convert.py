@@ -1,0 +1,237 @@
+"""Model surgery: ``convert`` dense layers to masked ones, ``finalize`` back, and ``sparsity_report``."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .nn import MASKED_TYPES, AuxInit, MaskedModule
+
+Selector = str | type[nn.Module]
+
+
+def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
+    for sel in selectors:
+        if isinstance(sel, str):
+            if fnmatch.fnmatchcase(name, sel):
+                return True
+        elif isinstance(sel, type):
+            if isinstance(module, sel):
+                return True
+        else:
+            raise TypeError(f"include/exclude: expected module-name patterns (str) or module types, got {sel!r}")
+    return False
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, new)
+    return root
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedModule]]:
+    """``(qualified name, module)`` for every masked layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedModule):
+            yield name, module
+
+
+def convert(
+    model: nn.Module,
+    include: Iterable[Selector] | None = None,
+    exclude: Iterable[Selector] | None = None,
+    granularity: str = "weight",
+    init: AuxInit = (0.5, 0.1),
+    *,
+    surrogate: str = "softplus",
+    rule: str = "sign",
+    alpha: float = 0.1,
+    aux_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Swap the ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers of ``model`` for masked ones, in place.
+
+    Only layers of exactly those types are converted (subclasses such as attention's
+    ``out_proj`` are used through their weight by their owner, so masking them would be silent
+    no-ops). ``include``/``exclude`` take qualified-name patterns (``fnmatch``: ``"features.*"``)
+    or module types; by default every eligible layer is converted. The new layers share the old
+    ``weight``/``bias`` parameters. Returns ``model`` (or the new layer, if ``model`` itself is one).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    include = list(include) if include is not None else None
+    exclude = list(exclude) if exclude is not None else []
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in MASKED_TYPES
+        and (include is None or _matches(name, module, include))
+        and not _matches(name, module, exclude)
+    ]
+    if include is not None and not targets:
+        raise ValueError(f"include: no Linear/Conv1d/Conv2d layer of the model matches {include!r}")
+    for name, module in targets:
+        masked = MASKED_TYPES[type(module)].from_dense(
+            module, granularity=granularity, surrogate=surrogate, rule=rule, alpha=alpha, init=init,
+            aux_dtype=aux_dtype,
+        )
+        model = _replace(model, name, masked)
+    return model
+
+
+def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Plain dense layers with ``W * h(M)`` baked in, in place of every masked layer.
+
+    The result has the original (unmasked) architecture and ``state_dict`` keys, so it loads into a
+    fresh dense model with ``strict=True``. ``model`` itself is left untouched unless ``inplace``.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(masked_modules(model)):
+        model = _replace(model, name, module.to_dense())
+    return model
+
+
+@dataclass
+class LayerSparsity:
+    """One masked layer of a :class:`SparsityReport`."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    kept: int
+    total: int
+    flops_dense: int
+    flops_kept: int
+
+    @property
+    def density(self) -> float:
+        return self.kept / max(self.total, 1)
+
+    @property
+    def compression(self) -> float:
+        return self.total / self.kept if self.kept else float("inf")
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer kept/total weights, compression ratio and FLOPs of a masked model.
+
+    FLOPs count 2 per multiply-accumulate per sample, for the masked layers only; without an
+    ``example_input`` each layer is counted at one output position (exact for linear layers).
+    """
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+    flops_exact: bool = False
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def compression(self) -> float:
+        return self.total / self.kept if self.kept else float("inf")
+
+    @property
+    def density(self) -> float:
+        return self.kept / max(self.total, 1)
+
+    @property
+    def flops_fraction(self) -> float:
+        dense = sum(layer.flops_dense for layer in self.layers)
+        return sum(layer.flops_kept for layer in self.layers) / dense if dense else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: totals and one entry per layer."""
+        layers = []
+        for layer in self.layers:
+            d = asdict(layer)
+            d["shape"] = list(layer.shape)
+            d["density"] = layer.density
+            d["compression"] = layer.compression
+            layers.append(d)
+        return {
+            "kept": self.kept,
+            "total": self.total,
+            "density": self.density,
+            "compression": self.compression,
+            "flops_fraction": self.flops_fraction,
+            "flops_exact": self.flops_exact,
+            "layers": layers,
+        }
+
+    def table(self) -> str:
+        """The report as an aligned text table."""
+        rows = [("layer", "type", "shape", "kept / total", "density", "compression", "FLOPs kept")]
+        for l in self.layers:
+            rows.append((
+                l.name, l.kind, "x".join(map(str, l.shape)), f"{l.kept:,} / {l.total:,}",
+                f"{100 * l.density:.2f}%", f"{l.compression:.1f}x",
+                f"{100 * l.flops_kept / l.flops_dense:.1f}%" if l.flops_dense else "-",
+            ))
+        rows.append((
+            "total", "", "", f"{self.kept:,} / {self.total:,}", f"{100 * self.density:.2f}%",
+            f"{self.compression:.1f}x", f"{100 * self.flops_fraction:.1f}%",
+        ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _positions(module: nn.Module, inp: Tensor, out: Tensor) -> int:
+    """Output positions per sample: how many times each weight entry is used for one sample."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        batched = inp.dim() == len(module.kernel_size) + 2
+    else:
+        batched = inp.dim() > 1
+    batch = inp.shape[0] if batched else 1
+    return max(out.numel() // max(batch * module.weight.shape[0], 1), 1)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, example_input: Tensor | None = None) -> SparsityReport:
+    """Kept/total weights, compression ratio and FLOPs estimate of every masked layer of ``model``.
+
+    Pass ``example_input`` (a batch the model accepts) for exact convolution FLOPs: the model is run
+    once on it, in eval mode, to record output sizes.
+    """
+    layers = list(masked_modules(model))
+    positions: dict[str, int] = {}
+    if example_input is not None:
+        handles = [
+            m.register_forward_hook(lambda mod, i, o, n=n: positions.__setitem__(n, _positions(mod, i[0], o)))
+            for n, m in layers
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            model(example_input)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+    report = SparsityReport(flops_exact=example_input is not None)
+    for name, m in layers:
+        kept, total = m.kept(), m.weight.numel()
+        pos = positions.get(name, 1)
+        report.layers.append(LayerSparsity(
+            name=name, kind=type(m).__name__, shape=tuple(m.weight.shape), kept=kept, total=total,
+            flops_dense=2 * total * pos, flops_kept=2 * kept * pos,
+        ))
+    return report

@@ -1,0 +1,102 @@
+"""Differentiable masked ops: the functional API of autoprune_ext.
+
+Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then
+calls one registered op (``torch.ops.autoprune.*``), so the same code runs eagerly, under
+``torch.compile`` and on every backend. Backward computes the AutoPrune coarse gradient and only the
+gradients autograd needs: with ``weight`` frozen no ``dW`` work is done, with ``aux`` frozen no
+``dM`` work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks
+from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
+
+_IntOrTuple = int | tuple[int, ...]
+
+
+def _prepare(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float) -> float:
+    _checks.check_names(surrogate, rule, alpha)
+    _checks.check_mask_pair(weight, aux)
+    return float(alpha)
+
+
+def apply_mask(
+    weight: Tensor, aux: Tensor, *, surrogate: str = "softplus", rule: str = "sign", alpha: float = 0.1
+) -> Tensor:
+    """Masked weight ``T = weight * h(aux)`` with ``h(m) = 1 if m >= 0 else 0``.
+
+    Args:
+        weight: the weight ``W`` (any float dtype, at least 1-D).
+        aux: the auxiliary tensor ``M``: ``W``'s shape, or ``[W.shape[0]]`` for one value per unit.
+        surrogate: ``s(m)`` used in place of ``dh/dm`` in backward (see ``reference.SURROGATES``).
+        rule: ``"sign"`` (AutoPrune: ``dM = g * sign(W) * s(M)``) or ``"chain"`` (``g * W * s(M)``).
+        alpha: slope of the ``leaky_relu`` surrogates.
+
+    Returns:
+        ``T``, a new contiguous tensor of ``weight``'s shape and dtype. Backward gives
+        ``dW = g * h(M)`` and the coarse ``dM``.
+    """
+    alpha = _prepare(weight, aux, surrogate, rule, alpha)
+    return torch.ops.autoprune.apply_mask(weight, aux, surrogate, rule, alpha)
+
+
+def masked_linear(
+    input: Tensor,
+    weight: Tensor,
+    aux: Tensor,
+    bias: Tensor | None = None,
+    *,
+    surrogate: str = "softplus",
+    rule: str = "sign",
+    alpha: float = 0.1,
+) -> Tensor:
+    """``input @ (weight * h(aux))^T + bias`` for ``input`` of shape ``[..., in_features]``.
+
+    One op: a backend with a mask-fused matmul never writes the masked weight. Options as in
+    :func:`apply_mask`.
+    """
+    alpha = _prepare(weight, aux, surrogate, rule, alpha)
+    return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
+
+
+def masked_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    aux: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: _IntOrTuple | str = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    surrogate: str = "softplus",
+    rule: str = "sign",
+    alpha: float = 0.1,
+) -> Tensor:
+    """``conv1d(input, weight * h(aux), bias, ...)``; arguments as ``torch.nn.functional.conv1d``."""
+    t = apply_mask(weight, aux, surrogate=surrogate, rule=rule, alpha=alpha)
+    return F.conv1d(input, t, bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    aux: Tensor,
+    bias: Tensor | None = None,
+    stride: _IntOrTuple = 1,
+    padding: _IntOrTuple | str = 0,
+    dilation: _IntOrTuple = 1,
+    groups: int = 1,
+    *,
+    surrogate: str = "softplus",
+    rule: str = "sign",
+    alpha: float = 0.1,
+) -> Tensor:
+    """``conv2d(input, weight * h(aux), bias, ...)``; arguments as ``torch.nn.functional.conv2d``."""
+    t = apply_mask(weight, aux, surrogate=surrogate, rule=rule, alpha=alpha)
+    return F.conv2d(input, t, bias, stride, padding, dilation, groups)

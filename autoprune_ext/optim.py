@@ -1,0 +1,194 @@
+"""``AuxAdam``: the optimiser of the auxiliary tensors, with the density penalty fused into the step."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
+from . import reference as ref
+from .convert import masked_modules
+
+Penalty = float | Mapping[str, float]
+
+
+class AuxAdam(torch.optim.Optimizer):
+    """Adam over auxiliary tensors ``M`` whose gradient gets the density penalty added in the same pass.
+
+    Each parameter group is one *penalty group* ``g`` (``shared/docs/method.md`` section 3): the
+    step adds ``(penalty / N_g) * (s(m) - rho * s(-m))`` to ``dL/dM`` (times ``1/|w|`` with
+    ``inv_abs_weight``), then applies Adam with bias correction, in place, through the fused op
+    ``torch.ops.autoprune.aux_adam_step_multi_`` (one call per group and device).
+
+    Args:
+        params: auxiliary parameters or parameter groups (dicts with ``params`` and any option below).
+            Build them from a model with :meth:`from_model`, which also wires ``inv_abs_weight``.
+        lr, betas, eps: as ``torch.optim.Adam``.
+        penalty: the group's ``lambda``. Groups may be changed between steps (a density controller).
+        rho: weight of the recovery term.
+        inv_abs_weight: scale the penalty gradient by ``1/|w|`` (needs the weights: :meth:`from_model`
+            or ``weights={aux: weight}``).
+        surrogate, alpha: the surrogate of the penalty gradient (use the layers' own).
+        foreach: one fused multi-tensor call per group (``True``) or one call per tensor.
+        weights: mapping from each aux parameter to its layer weight (for ``inv_abs_weight``).
+
+    Parameters whose ``.grad`` is ``None`` are skipped, as in ``torch.optim.Adam``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        penalty: float = 0.0,
+        rho: float = 1e-3,
+        inv_abs_weight: bool = False,
+        surrogate: str = "softplus",
+        alpha: float = 0.1,
+        foreach: bool = True,
+        weights: Mapping[Tensor, Tensor] | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr: expected a non-negative float, got {lr}")
+        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"betas: expected two floats in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps: expected a non-negative float, got {eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, penalty=penalty, rho=rho,
+                        inv_abs_weight=inv_abs_weight, surrogate=surrogate, alpha=alpha, foreach=foreach)
+        super().__init__(params, defaults)
+        # aux -> weight, outside the param groups so that state_dict never stores weight tensors
+        self.weights: dict[Tensor, Tensor] = dict(weights or {})
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _checks.check_names(group["surrogate"], "sign", group["alpha"])
+        if not (isinstance(group["penalty"], (int, float)) and group["penalty"] >= 0):
+            raise ValueError(f"penalty: expected a non-negative float, got {group['penalty']!r}")
+        if not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
+            raise ValueError(f"rho: expected a non-negative float, got {group['rho']!r}")
+        if group["inv_abs_weight"]:
+            missing = [tuple(p.shape) for p in group["params"] if p not in self.weights]
+            if missing:
+                raise ValueError(
+                    f"inv_abs_weight: needs the layer weight of every aux tensor (use AuxAdam.from_model "
+                    f"or weights={{aux: weight}}); missing for aux tensors of shapes {missing}"
+                )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        penalty: Penalty = 0.0,
+        rho: float = 1e-3,
+        inv_abs_weight: bool = False,
+        foreach: bool = True,
+    ) -> AuxAdam:
+        """One optimiser over every masked layer of ``model``, grouped by penalty.
+
+        ``penalty`` is one ``lambda`` for all layers (one group), or a mapping whose keys are
+        ``"linear"`` / ``"conv"`` (the method's two default groups) or qualified-name patterns
+        (``fnmatch``, e.g. ``"features.0"``: one group each; patterns win over the type keys).
+        Layers matched by no key get no penalty. The surrogate and alpha come from the layers.
+        """
+        groups: dict[tuple[str, str, float], dict[str, Any]] = {}
+        weights: dict[Tensor, Tensor] = {}
+        for name, module in masked_modules(model):
+            key, lam = _penalty_key(name, module, penalty)
+            gkey = (key, module.surrogate, module.alpha)
+            group = groups.setdefault(gkey, {"params": [], "penalty": lam, "surrogate": module.surrogate,
+                                             "alpha": module.alpha, "name": key})
+            group["params"].append(module.weight_aux)
+            weights[module.weight_aux] = module.weight
+        if not groups:
+            raise ValueError("model: has no masked layers; call autoprune_ext.convert(model) first")
+        return cls(list(groups.values()), lr, betas, eps, rho=rho, inv_abs_weight=inv_abs_weight,
+                   foreach=foreach, weights=weights)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "weights"):
+            self._check_group(self.param_groups[-1])
+
+    def _magnitude(self, aux: Tensor) -> Tensor:
+        w = self.weights[aux].detach()
+        # weight granularity: the kernels take |w| themselves, so pass W without a temporary
+        return w if w.shape == aux.shape else ref.weight_magnitude(w, aux)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One fused penalty + Adam step of every auxiliary tensor that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            total = sum(p.numel() for p in group["params"])
+            scale = float(group["penalty"]) / total if total else 0.0
+            beta1, beta2 = group["betas"]
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p)
+            for params in by_device.values():
+                auxes, m1s, m2s, grads, mags, steps = [], [], [], [], [], []
+                for p in params:
+                    state = self.state[p]
+                    if not state:
+                        moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                    state["step"] += 1
+                    auxes.append(p)
+                    m1s.append(state["exp_avg"])
+                    m2s.append(state["exp_avg_sq"])
+                    grads.append(p.grad)
+                    mags.append(self._magnitude(p) if group["inv_abs_weight"] else None)
+                    steps.append(int(state["step"]))
+                args = (group["lr"], beta1, beta2, group["eps"])
+                tail = (group["rho"], group["surrogate"], float(group["alpha"]))
+                if group["foreach"]:
+                    torch.ops.autoprune.aux_adam_step_multi_(
+                        auxes, m1s, m2s, grads, mags, steps, [scale] * len(auxes), *args, *tail
+                    )
+                else:
+                    for i in range(len(auxes)):
+                        torch.ops.autoprune.aux_adam_step_(
+                            auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, scale, *tail
+                        )
+        return loss
+
+    def penalty_value(self) -> float:
+        """Current value of the total density penalty ``sum_g P_g`` (for logging)."""
+        return float(sum(ref.density_penalty(g["params"], g["penalty"], g["rho"]) for g in self.param_groups))
+
+    def density(self) -> float:
+        """Fraction of kept entries over all auxiliary tensors of this optimiser."""
+        return float(ref.density([p for g in self.param_groups for p in g["params"]]))
+
+
+def _penalty_key(name: str, module: nn.Module, penalty: Penalty) -> tuple[str, float]:
+    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool):
+        return "all", float(penalty)
+    if not isinstance(penalty, Mapping):
+        raise TypeError(f"penalty: expected a float or a mapping of group -> float, got {type(penalty).__name__}")
+    for key, lam in penalty.items():
+        if key not in ("linear", "conv") and fnmatch.fnmatchcase(name, key):
+            return key, float(lam)
+    kind = "linear" if isinstance(module, nn.Linear) else "conv"
+    if kind in penalty:
+        return kind, float(penalty[kind])
+    return "unpenalised", 0.0
