@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv, install torch
+# (the pinned CPU build, only when the venv has no torch), the package with its extras, then run.
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_PIN   ?= torch==2.13.0
+STAMP       := $(VENV)/.autoprune-installed
+JOBS        ?= 2
+
+.PHONY: install demo test test-slow bench lint clean info
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
+
+# torch first, and only if missing: a bare or ranged `pip install torch` would pull the CUDA wheels.
+# --no-build-isolation: the C++ extension builds against the torch already in the venv.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "setuptools>=70.1" wheel
+	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation -e ".[triton,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+info: install
+	$(VENV)/bin/autoprune-ext info
+
+# The main job on the bundled digits data: dense LeNet-300-100 -> AutoPrune -> fine-tune -> table.
+demo: install
+	$(VENV)/bin/autoprune-ext prune --model lenet300 --data digits --out runs/demo
+
+# Unit tests, backend conformance (Triton through its CPU interpreter, the C++ extension), and one
+# smoke run of every benchmark so they cannot rot. Slow tests: `make test-slow`.
+test: install
+	$(PY) -m pytest -q --benchmark-disable -p no:cacheprovider tests benchmarks
+
+test-slow: install
+	$(PY) -m pytest -q --benchmark-disable -p no:cacheprovider -m slow tests benchmarks
+
+# Benchmarks for real (meaningful on a GPU machine; on CPU they time the C++ kernels).
+bench: install
+	$(PY) -m pytest -q -m "" --benchmark-only --benchmark-columns=min,median,mean,rounds benchmarks
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks runs

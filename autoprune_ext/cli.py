@@ -1,0 +1,201 @@
+"""``autoprune-ext``: the command-line entry point.
+
+Subcommands: ``info`` (versions, backends and why some are unusable), ``prune`` (the main job).
+Bad arguments print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# per-model AutoPrune defaults tuned on digits (see README: reproduction table)
+MODEL_DEFAULTS: dict[str, dict[str, float]] = {
+    "lenet300": {"lambda_fc": 40.0, "lambda_conv": 20.0},
+    "lenet5": {"lambda_fc": 40.0, "lambda_conv": 20.0},
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _nonneg_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``autoprune-ext: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"autoprune-ext: error: {message}\n")
+        sys.exit(2)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, backends
+    from .ops import op_names
+
+    print(f"autoprune_ext {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    print(f"CUDA available: {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    print("ops: " + ", ".join(op_names()))
+    print("backends (name / device: status):")
+    for name, per_device in backends.status().items():
+        for device, text in per_device.items():
+            print(f"  {name:<10} {device:<5} {text}")
+    print(f"usable here: {', '.join(backends.available())}; forced: {backends.forced() or 'no (automatic)'}")
+    return 0
+
+
+def add_prune_parser(sub: argparse._SubParsersAction) -> None:
+    from .data import DATASETS
+    from .models import model_names
+    from .reference import GRANULARITIES, RULES, SURROGATES
+
+    p = sub.add_parser("prune", help="train a dense parent, prune it with AutoPrune, fine-tune, report",
+                       description="Train (or load) a dense parent, run AutoPrune's alternating mask/weight "
+                                   "steps, optionally fine-tune with the mask fixed, print the per-layer table "
+                                   "and write report.json, model.pt (finalized) and curves.png.")
+    p.add_argument("--model", default="lenet300", help=f"architecture: {', '.join(model_names())} (default lenet300)")
+    p.add_argument("--data", default="digits", help=f"dataset: {', '.join(DATASETS)} (default digits, bundled)")
+    p.add_argument("--data-dir", default=None, help="directory holding the mnist / cifar10 files")
+    p.add_argument("--out", default=None, help="output directory (default runs/<model>-<data>-s<seed>)")
+    p.add_argument("--parent", default=None, help="load the dense parent's state_dict from this file instead of training it")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, split and batch order (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--backend", default=None, help="force a kernel backend: reference, triton or cpp")
+    p.add_argument("--dense-steps", type=_positive_int, default=2000, help="dense parent training steps (default 2000)")
+    p.add_argument("--dense-lr", type=_nonneg_float, default=1e-3, help="dense parent Adam lr (default 1e-3)")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="AutoPrune iterations (default 1000)")
+    p.add_argument("--finetune-steps", type=_positive_int, default=300,
+                   help="fine-tuning steps with the mask fixed, 0 for none (default 300)")
+    p.add_argument("--finetune-lr", type=_nonneg_float, default=5e-4, help="fine-tuning lr (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of every phase (default 64)")
+    p.add_argument("--lr-weight", type=_nonneg_float, default=1e-3, help="lr of W during AutoPrune (default 1e-3)")
+    p.add_argument("--lr-aux", type=_nonneg_float, default=0.1, help="lr of the masks M, Adam (default 0.1)")
+    p.add_argument("--lambda-fc", type=_nonneg_float, default=None, help="penalty lambda of linear layers (default per model, 40)")
+    p.add_argument("--lambda-conv", type=_nonneg_float, default=None, help="penalty lambda of conv layers (default per model, 20)")
+    p.add_argument("--rho", type=_nonneg_float, default=1e-3, help="recovery weight rho (default 1e-3)")
+    p.add_argument("--target-density", type=_fraction, default=None,
+                   help="adapt lambda to reach this kept fraction instead of a fixed lambda")
+    p.add_argument("--inv-abs-weight", action="store_true", help="scale the penalty gradient by 1/|w|")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="weight", help="mask per weight or per unit")
+    p.add_argument("--surrogate", choices=SURROGATES, default="softplus", help="surrogate of dh/dm (default softplus)")
+    p.add_argument("--rule", choices=RULES, default="sign", help="coarse-gradient rule (default sign)")
+    p.add_argument("--mode", choices=("bilevel", "same_batch"), default="bilevel",
+                   help="mask steps on held-out batches (bilevel) or on the training batch")
+    p.add_argument("--freeze-bn", action="store_true", help="batch norm and dropout in eval mode while pruning")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="test accuracy every N steps (default 100)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run global magnitude pruning at the same density, fine-tuned as long, for comparison")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .autoprune import AutoPruneConfig
+    from .data import DATASETS
+    from .models import model_names
+    from .prune_job import PruneJob, run
+
+    if args.model not in model_names():
+        return _fail(f"--model: unknown model {args.model!r}; choose from {', '.join(model_names())}")
+    if args.data not in DATASETS:
+        return _fail(f"--data: unknown dataset {args.data!r}; choose from {', '.join(DATASETS)}")
+    if args.data != "digits":
+        if args.data_dir is None:
+            return _fail(f"--data-dir: the {args.data} dataset is read from local files; name their directory")
+        if not Path(args.data_dir).is_dir():
+            return _fail(f"--data-dir: {args.data_dir} is not a directory")
+    if args.parent is not None and not Path(args.parent).is_file():
+        return _fail(f"--parent: {args.parent} is not a file")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    defaults = MODEL_DEFAULTS.get(args.model, {"lambda_fc": 0.4, "lambda_conv": 0.2})
+    lam_fc = defaults["lambda_fc"] if args.lambda_fc is None else args.lambda_fc
+    lam_conv = defaults["lambda_conv"] if args.lambda_conv is None else args.lambda_conv
+    config = AutoPruneConfig(
+        lr_weight=args.lr_weight, lr_aux=args.lr_aux, penalty={"linear": lam_fc, "conv": lam_conv}, rho=args.rho,
+        inv_abs_weight=args.inv_abs_weight, surrogate=args.surrogate, rule=args.rule, granularity=args.granularity,
+        mode=args.mode, target_density=args.target_density, freeze_bn=args.freeze_bn, batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    job = PruneJob(
+        model=args.model, data=args.data, data_dir=args.data_dir,
+        out=args.out or f"runs/{args.model}-{args.data}-s{args.seed}", parent=args.parent, seed=args.seed,
+        device=args.device, dense_steps=args.dense_steps, dense_lr=args.dense_lr, prune_steps=args.steps,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, eval_every=args.eval_every,
+        baseline=args.baseline,
+        progress=not args.quiet, autoprune=config,
+    )
+    if args.backend:
+        from . import backends
+
+        with backends.use(args.backend):
+            run(job)
+    else:
+        run(job)
+    return 0
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"autoprune-ext: error: {message}\n")
+    return 2
+
+
+#: extra subcommands: (module, function adding the parser); later modules plug in here
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_prune_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autoprune-ext",
+                     description="Training-time pruning with learnable auxiliary masks (AutoPrune), fast kernels, "
+                                 "and evaluation beyond test accuracy.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    info = sub.add_parser("info", help="versions, registered ops, and which kernel backends are usable here")
+    info.set_defaults(func=cmd_info)
+    for add in EXTRA_COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as exc:  # bad data directory or option: one line, status 2
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
