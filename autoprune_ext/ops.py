@@ -120,6 +120,8 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
         _checks.check_same_device("bias", bias, "weight", weight)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"bias: expected dtype {input.dtype} (that of input), got {bias.dtype}")
 
 
 @torch.library.custom_op("autoprune::masked_linear", mutates_args=())

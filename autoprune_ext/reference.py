@@ -249,12 +249,13 @@ def masked_linear_backward(
     A backend without a fused kernel reuses this composition with its own primitives
     (``apply_mask_fn``, ``mask_backward_fn``).
     """
-    g2 = grad_out.reshape(-1, weight.shape[0])
+    tokens = math.prod(input.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous for empty tensors
+    g2 = grad_out.reshape(tokens, weight.shape[0])
     dX = dW = dM = db = None
     if need_input_grad:
         dX = torch.mm(g2, apply_mask_fn(weight, aux).to(g2.dtype)).reshape(input.shape)
     if need_weight_grad or need_aux_grad:
-        dT = torch.mm(g2.t(), input.reshape(-1, weight.shape[1]).to(g2.dtype))
+        dT = torch.mm(g2.t(), input.reshape(tokens, weight.shape[1]).to(g2.dtype))
         dW, dM = mask_backward_fn(dT, weight, aux, surrogate_name, rule, alpha, need_weight_grad, need_aux_grad)
     if need_bias_grad:
         db = g2.sum(dim=0)

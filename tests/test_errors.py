@@ -121,3 +121,8 @@ def test_layer_with_nan_aux_fails_at_forward():
         layer.weight_aux[0, 0] = float("nan")
     with pytest.raises(ValueError, match="aux: expected finite values"):
         layer(torch.randn(1, 3))
+
+
+def test_linear_bias_dtype():
+    with pytest.raises(TypeError, match="bias: expected dtype torch.float32"):
+        APF.masked_linear(torch.randn(2, 3), W, M, torch.randn(4, dtype=torch.float64))
