@@ -144,7 +144,16 @@ def test_state_dict_deepcopy_pickle_save_roundtrip():
             assert torch.equal(v, sd[k]), k
 
 
-def test_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("backend_name", backends.NAMES)
+def test_compile_fullgraph_forward_backward(backend_name):
+    ok, why = backends.availability(backend_name, "cpu")
+    if not ok:
+        pytest.skip(why)
+    with backends.use(backend_name):
+        _check_compiled_matches_eager()
+
+
+def _check_compiled_matches_eager():
     torch._dynamo.reset()
     model = ap.convert(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)))
     prune_some(model)
