@@ -1,0 +1,573 @@
+// Bodies of the CPU kernels, compiled once per instruction set.
+//
+// Included by kernels_isa_*.cpp with AP_ISA_NS naming a namespace of its own and, for the
+// AVX2 / AVX-512 copies, under a `#pragma GCC target`. It includes no header and calls no inline
+// function from the standard library: a std:: template instantiated here would be a weak symbol
+// shared with the other copies, and the linker could hand AVX-512 code to a CPU without it.
+// Everything below is plain loops over small cache-resident blocks that GCC / Clang vectorise at
+// -O3: block-wise dtype conversion, then float arithmetic (or double, for float64 inputs), with the
+// transcendental functions written as branch-free polynomials so that they vectorise too.
+//
+// Formulas and rounding order follow autoprune_ext/reference.py (see the comments per kernel).
+
+#ifndef AP_ISA_NS
+#error "define AP_ISA_NS before including kernels_impl.h"
+#endif
+
+namespace autoprune {
+namespace cpu {
+namespace AP_ISA_NS {
+
+#define AP_INLINE static inline __attribute__((always_inline))
+
+// ------------------------------------------------------------------------------------------------
+// scalar helpers
+// ------------------------------------------------------------------------------------------------
+AP_INLINE uint32_t f2u(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+AP_INLINE float u2f(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+AP_INLINE int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// bfloat16 <-> float32, as c10::BFloat16 (round to nearest even, NaN -> 0x7FC0)
+AP_INLINE float bf16_to_f32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
+AP_INLINE uint16_t f32_to_bf16(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
+}
+
+// float16 <-> float32, branch-free, bit-identical to c10::detail::fp16_ieee_{to,from}_fp32_value
+AP_INLINE float f16_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits = sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized));
+  return u2f(bits);
+}
+AP_INLINE uint16_t f32_to_f16(float f) {
+  float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f2u(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = u2f((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f2u(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// exp(x) for x <= 0 (NaN propagates): Cephes expf polynomial with Cody-Waite reduction; the scale
+// 2^n is applied in two halves so that results in the denormal range round correctly.
+AP_INLINE float exp_nonpos(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to an integer
+  const float n = t - 12582912.0f;
+  const int32_t ni = static_cast<int32_t>(f2u(t) - 0x4B400000u);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t n1 = ni >> 1;
+  const int32_t n2 = ni - n1;
+  const float s1 = u2f(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = u2f(static_cast<uint32_t>(n2 + 127) << 23);
+  return (y * s1) * s2;
+}
+
+// log1p(y) for y in [0, 1] (NaN propagates): Cephes logf on u = 1 + y, corrected by y / (u - 1)
+// for the rounding of u (Goldberg's trick), so tiny y keep full relative precision.
+AP_INLINE float log1p_unit(float y) {
+  const float u = 1.0f + y;
+  const bool big = u > 1.41421356237f;
+  const float x = big ? u * 0.5f : u;
+  const float k = big ? 1.0f : 0.0f;
+  const float f = x - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  float l = p * f * z;
+  l += k * -2.12194440e-4f;
+  l -= 0.5f * z;
+  l = f + l;
+  l += k * 0.693359375f;
+  const float d = u - 1.0f;
+  return d == 0.0f ? y : l * (y / d);
+}
+
+// F.softplus (beta 1, threshold 20): x above 20, else log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
+AP_INLINE float softplus_f(float x) {
+  const float l = log1p_unit(exp_nonpos(-__builtin_fabsf(x)));
+  const float r = (x > 0.0f ? x : 0.0f) + l;
+  return x > 20.0f ? x : r;
+}
+AP_INLINE float sigmoid_f(float x) {
+  const float e = exp_nonpos(-__builtin_fabsf(x));
+  return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+AP_INLINE double softplus_d(double x) { return x > 20.0 ? x : __builtin_log1p(__builtin_exp(x)); }
+AP_INLINE double sigmoid_d(double x) { return 1.0 / (1.0 + __builtin_exp(-x)); }
+
+AP_INLINE float softplus_ct(float x) { return softplus_f(x); }
+AP_INLINE double softplus_ct(double x) { return softplus_d(x); }
+AP_INLINE float sigmoid_ct(float x) { return sigmoid_f(x); }
+AP_INLINE double sigmoid_ct(double x) { return sigmoid_d(x); }
+
+// reference.surrogate: alpha goes through a float32 tensor (torch.where with Python scalars)
+template <typename CT>
+AP_INLINE CT alpha_ct(double alpha) {
+  return static_cast<CT>(static_cast<float>(alpha));
+}
+
+template <typename CT>
+AP_INLINE CT surrogate_one(CT m, int kind, CT alpha) {
+  switch (kind) {
+    case AP_SOFTPLUS: return softplus_ct(m);
+    case AP_SIGMOID: return sigmoid_ct(m);
+    case AP_IDENTITY: return CT(1);
+    case AP_LEAKY_RELU: return m > CT(0) ? CT(1) : alpha;
+    case AP_LEAKY_RELU_REVERSED: return m > CT(0) ? alpha : CT(1);
+    default: return m > CT(0) ? CT(1) : CT(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// block conversion
+// ------------------------------------------------------------------------------------------------
+template <typename CT>
+__attribute__((noinline)) static void cvt_in(const void* src, int dt, int64_t off, int64_t n, CT* dst) {
+  switch (dt) {
+    case AP_F32: {
+      const float* s = static_cast<const float*>(src) + off;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<CT>(s[i]);
+      break;
+    }
+    case AP_F64: {
+      const double* s = static_cast<const double*>(src) + off;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<CT>(s[i]);
+      break;
+    }
+    case AP_BF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<CT>(bf16_to_f32(s[i]));
+      break;
+    }
+    default: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + off;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<CT>(f16_to_f32(s[i]));
+      break;
+    }
+  }
+}
+
+template <typename CT>
+__attribute__((noinline)) static void cvt_out(const CT* src, void* dst, int dt, int64_t off, int64_t n) {
+  switch (dt) {
+    case AP_F32: {
+      float* d = static_cast<float*>(dst) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(src[i]);
+      break;
+    }
+    case AP_F64: {
+      double* d = static_cast<double*>(dst) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<double>(src[i]);
+      break;
+    }
+    case AP_BF16: {  // from double: through float, as c10::BFloat16(double)
+      uint16_t* d = static_cast<uint16_t*>(dst) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(static_cast<float>(src[i]));
+      break;
+    }
+    default: {
+      uint16_t* d = static_cast<uint16_t*>(dst) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(static_cast<float>(src[i]));
+      break;
+    }
+  }
+}
+
+template <typename CT>
+AP_INLINE bool is_native(int dt) {
+  return sizeof(CT) == 4 ? dt == AP_F32 : dt == AP_F64;
+}
+
+// elements [off, off + n) of src as CT: a pointer into src when its dtype is CT, else converted into buf
+template <typename CT>
+AP_INLINE const CT* load_block(const void* src, int dt, int64_t off, int64_t n, CT* buf) {
+  if (is_native<CT>(dt)) return static_cast<const CT*>(src) + off;
+  cvt_in<CT>(src, dt, off, n, buf);
+  return buf;
+}
+// where to compute elements [off, off + n) of dst: dst itself when its dtype is CT, else buf
+template <typename CT>
+AP_INLINE CT* out_block(void* dst, int dt, int64_t off, CT* buf) {
+  return is_native<CT>(dt) ? static_cast<CT*>(dst) + off : buf;
+}
+template <typename CT>
+AP_INLINE void flush_block(const CT* buf, void* dst, int dt, int64_t off, int64_t n) {
+  if (!is_native<CT>(dt)) cvt_out<CT>(buf, dst, dt, off, n);
+}
+// buf (n elements) into dst at off, converting unless dst has dtype CT
+template <typename CT>
+AP_INLINE void store_block(const CT* buf, void* dst, int dt, int64_t off, int64_t n) {
+  if (is_native<CT>(dt))
+    __builtin_memcpy(static_cast<CT*>(dst) + off, buf, static_cast<size_t>(n) * sizeof(CT));
+  else
+    cvt_out<CT>(buf, dst, dt, off, n);
+}
+template <typename CT>
+AP_INLINE CT load_one(const void* src, int dt, int64_t i) {
+  switch (dt) {
+    case AP_F32: return static_cast<CT>(static_cast<const float*>(src)[i]);
+    case AP_F64: return static_cast<CT>(static_cast<const double*>(src)[i]);
+    case AP_BF16: return static_cast<CT>(bf16_to_f32(static_cast<const uint16_t*>(src)[i]));
+    default: return static_cast<CT>(f16_to_f32(static_cast<const uint16_t*>(src)[i]));
+  }
+}
+template <typename CT>
+AP_INLINE void store_one(CT v, void* dst, int dt, int64_t i) {
+  cvt_out<CT>(&v, dst, dt, i, 1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// surrogates over a block
+// ------------------------------------------------------------------------------------------------
+template <typename CT>
+__attribute__((noinline)) static void surrogate_block(const CT* m, CT* s, int64_t n, int kind, CT alpha) {
+  switch (kind) {
+    case AP_SOFTPLUS:
+      for (int64_t i = 0; i < n; ++i) s[i] = softplus_ct(m[i]);
+      break;
+    case AP_SIGMOID:
+      for (int64_t i = 0; i < n; ++i) s[i] = sigmoid_ct(m[i]);
+      break;
+    case AP_IDENTITY:
+      for (int64_t i = 0; i < n; ++i) s[i] = CT(1);
+      break;
+    case AP_LEAKY_RELU:
+      for (int64_t i = 0; i < n; ++i) s[i] = m[i] > CT(0) ? CT(1) : alpha;
+      break;
+    case AP_LEAKY_RELU_REVERSED:
+      for (int64_t i = 0; i < n; ++i) s[i] = m[i] > CT(0) ? alpha : CT(1);
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) s[i] = m[i] > CT(0) ? CT(1) : CT(0);
+      break;
+  }
+}
+
+// s(m) and s(-m) together (the penalty gradient needs both; softplus / sigmoid share one exp)
+__attribute__((noinline)) static void surrogate_pair_block(const float* m, float* sp, float* sn, int64_t n, int kind,
+                                                           float alpha) {
+  switch (kind) {
+    case AP_SOFTPLUS:
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = m[i];
+        const float l = log1p_unit(exp_nonpos(-__builtin_fabsf(x)));
+        const float p = (x > 0.0f ? x : 0.0f) + l;
+        const float q = (x < 0.0f ? -x : 0.0f) + l;
+        sp[i] = x > 20.0f ? x : p;
+        sn[i] = -x > 20.0f ? -x : q;
+      }
+      break;
+    case AP_SIGMOID:
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = m[i];
+        const float e = exp_nonpos(-__builtin_fabsf(x));
+        const float den = 1.0f + e;
+        sp[i] = (x >= 0.0f ? 1.0f : e) / den;
+        sn[i] = (-x >= 0.0f ? 1.0f : e) / den;
+      }
+      break;
+    case AP_IDENTITY:
+      for (int64_t i = 0; i < n; ++i) sp[i] = sn[i] = 1.0f;
+      break;
+    case AP_LEAKY_RELU:
+      for (int64_t i = 0; i < n; ++i) {
+        sp[i] = m[i] > 0.0f ? 1.0f : alpha;
+        sn[i] = -m[i] > 0.0f ? 1.0f : alpha;
+      }
+      break;
+    case AP_LEAKY_RELU_REVERSED:
+      for (int64_t i = 0; i < n; ++i) {
+        sp[i] = m[i] > 0.0f ? alpha : 1.0f;
+        sn[i] = -m[i] > 0.0f ? alpha : 1.0f;
+      }
+      break;
+    default:
+      for (int64_t i = 0; i < n; ++i) {
+        sp[i] = m[i] > 0.0f ? 1.0f : 0.0f;
+        sn[i] = -m[i] > 0.0f ? 1.0f : 0.0f;
+      }
+      break;
+  }
+}
+__attribute__((noinline)) static void surrogate_pair_block(const double* m, double* sp, double* sn, int64_t n, int kind,
+                                                           double alpha) {
+  for (int64_t i = 0; i < n; ++i) {
+    sp[i] = surrogate_one<double>(m[i], kind, alpha);
+    sn[i] = surrogate_one<double>(-m[i], kind, alpha);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// apply_mask: T = where(M >= 0, W, 0), copied bit for bit in W's dtype
+// ------------------------------------------------------------------------------------------------
+template <typename U, typename CM>
+static void apply_mask_weight(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
+  CM buf[kBlock];
+  const U* w = static_cast<const U*>(a.weight);
+  U* out = static_cast<U*>(a.out);
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = imin(kBlock, end - off);
+    const CM* m = load_block<CM>(a.aux, a.aux_dt, off, n, buf);
+    const U* wp = w + off;
+    U* op = out + off;
+    for (int64_t i = 0; i < n; ++i) op[i] = m[i] >= CM(0) ? wp[i] : U(0);
+  }
+}
+
+AP_INLINE bool keep_one(const void* aux, int dt, int64_t i) {
+  return dt == AP_F64 ? static_cast<const double*>(aux)[i] >= 0.0 : load_one<float>(aux, dt, i) >= 0.0f;
+}
+
+static void apply_mask_unit(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
+  const int64_t es = a.weight_dt == AP_F64 ? 8 : (a.weight_dt == AP_F32 ? 4 : 2);
+  const char* w = static_cast<const char*>(a.weight);
+  char* out = static_cast<char*>(a.out);
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / a.row_len;
+    const int64_t stop = imin(end, (r + 1) * a.row_len);
+    if (keep_one(a.aux, a.aux_dt, r))
+      __builtin_memcpy(out + i * es, w + i * es, static_cast<size_t>((stop - i) * es));
+    else
+      __builtin_memset(out + i * es, 0, static_cast<size_t>((stop - i) * es));
+    i = stop;
+  }
+}
+
+static void apply_mask(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
+  if (a.row_len > 0) return apply_mask_unit(a, begin, end);
+  const bool m64 = a.aux_dt == AP_F64;  // compare M in its own precision (bf16/fp16 -> float is exact)
+  switch (a.weight_dt) {
+    case AP_F64:
+      return m64 ? apply_mask_weight<uint64_t, double>(a, begin, end) : apply_mask_weight<uint64_t, float>(a, begin, end);
+    case AP_F32:
+      return m64 ? apply_mask_weight<uint32_t, double>(a, begin, end) : apply_mask_weight<uint32_t, float>(a, begin, end);
+    default:
+      return m64 ? apply_mask_weight<uint16_t, double>(a, begin, end) : apply_mask_weight<uint16_t, float>(a, begin, end);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// mask_backward, weight granularity
+//   dW = (g * h(M)).to(W.dtype)               (a product, as the reference: -0 and NaN propagate)
+//   dM = ((g * c(W)) * s(M)).to(M.dtype)      c = sign (torch.sign: 0 for 0 and NaN) or identity
+// ------------------------------------------------------------------------------------------------
+template <typename CT>
+static void backward_weight_impl(const BackwardArgs& a, int64_t begin, int64_t end) {
+  CT gbuf[kBlock], mbuf[kBlock], wbuf[kBlock], sbuf[kBlock], obuf[kBlock];
+  const CT alpha = alpha_ct<CT>(a.alpha);
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = imin(kBlock, end - off);
+    const CT* g = load_block<CT>(a.grad, a.grad_dt, off, n, gbuf);
+    const CT* m = load_block<CT>(a.aux, a.aux_dt, off, n, mbuf);
+    if (a.dW) {
+      CT* dw = out_block<CT>(a.dW, a.weight_dt, off, obuf);
+      for (int64_t i = 0; i < n; ++i) dw[i] = g[i] * (m[i] >= CT(0) ? CT(1) : CT(0));
+      flush_block<CT>(dw, a.dW, a.weight_dt, off, n);
+    }
+    if (a.dM) {
+      const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
+      surrogate_block<CT>(m, sbuf, n, a.surrogate, alpha);
+      CT* dm = out_block<CT>(a.dM, a.aux_dt, off, obuf);
+      if (a.rule == AP_RULE_SIGN) {
+        for (int64_t i = 0; i < n; ++i) {
+          const CT c = (w[i] > CT(0) ? CT(1) : CT(0)) - (w[i] < CT(0) ? CT(1) : CT(0));
+          dm[i] = (g[i] * c) * sbuf[i];
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) dm[i] = (g[i] * w[i]) * sbuf[i];
+      }
+      flush_block<CT>(dm, a.dM, a.aux_dt, off, n);
+    }
+  }
+}
+
+static void backward_weight(const BackwardArgs& a, int64_t begin, int64_t end) {
+  if (a.f64)
+    backward_weight_impl<double>(a, begin, end);
+  else
+    backward_weight_impl<float>(a, begin, end);
+}
+
+// ------------------------------------------------------------------------------------------------
+// mask_backward, unit granularity: task t covers columns [c * kUnitColumns, ...) of row r, writes
+// dW there and the partial sum of g * c(W) (accumulated in double, 16 lanes) into partial[t];
+// backward_unit_finish then sums each row's partials in order and multiplies by s(M[r]).
+// ------------------------------------------------------------------------------------------------
+constexpr int kLanes = 16;
+
+template <typename CT>
+static void backward_unit_impl(const BackwardArgs& a, int64_t begin, int64_t end) {
+  CT gbuf[kBlock], wbuf[kBlock], obuf[kBlock];
+  const int64_t K = a.row_len;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r = t / a.tasks_per_row;
+    const int64_t c = t - r * a.tasks_per_row;
+    const int64_t lo = r * K + c * kUnitColumns;
+    const int64_t hi = r * K + imin(K, (c + 1) * kUnitColumns);
+    const CT h = load_one<CT>(a.aux, a.aux_dt, r) >= CT(0) ? CT(1) : CT(0);
+    double lanes[kLanes];
+    for (int j = 0; j < kLanes; ++j) lanes[j] = 0.0;
+    for (int64_t off = lo; off < hi; off += kBlock) {
+      const int64_t n = imin(kBlock, hi - off);
+      const CT* g = load_block<CT>(a.grad, a.grad_dt, off, n, gbuf);
+      if (a.dW) {
+        CT* dw = out_block<CT>(a.dW, a.weight_dt, off, obuf);
+        for (int64_t i = 0; i < n; ++i) dw[i] = g[i] * h;
+        flush_block<CT>(dw, a.dW, a.weight_dt, off, n);
+      }
+      if (a.dM) {
+        const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
+        CT* prod = obuf;
+        if (a.rule == AP_RULE_SIGN) {
+          for (int64_t i = 0; i < n; ++i)
+            prod[i] = g[i] * ((w[i] > CT(0) ? CT(1) : CT(0)) - (w[i] < CT(0) ? CT(1) : CT(0)));
+        } else {
+          for (int64_t i = 0; i < n; ++i) prod[i] = g[i] * w[i];
+        }
+        int64_t i = 0;
+        for (; i + kLanes <= n; i += kLanes)
+          for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(prod[i + j]);
+        for (int j = 0; i < n; ++i, ++j) lanes[j] += static_cast<double>(prod[i]);
+      }
+    }
+    if (a.dM) {
+      double s = 0.0;
+      for (int j = 0; j < kLanes; ++j) s += lanes[j];
+      a.partial[t] = s;
+    }
+  }
+}
+
+static void backward_unit(const BackwardArgs& a, int64_t begin, int64_t end) {
+  if (a.f64)
+    backward_unit_impl<double>(a, begin, end);
+  else
+    backward_unit_impl<float>(a, begin, end);
+}
+
+template <typename CT>
+static void backward_unit_finish_impl(const BackwardArgs& a, int64_t begin, int64_t end) {
+  const CT alpha = alpha_ct<CT>(a.alpha);
+  for (int64_t r = begin; r < end; ++r) {
+    double s = 0.0;
+    for (int64_t c = 0; c < a.tasks_per_row; ++c) s += a.partial[r * a.tasks_per_row + c];
+    const CT m = load_one<CT>(a.aux, a.aux_dt, r);
+    store_one<CT>(static_cast<CT>(s) * surrogate_one<CT>(m, a.surrogate, alpha), a.dM, a.aux_dt, r);
+  }
+}
+
+static void backward_unit_finish(const BackwardArgs& a, int64_t begin, int64_t end) {
+  if (a.f64)
+    backward_unit_finish_impl<double>(a, begin, end);
+  else
+    backward_unit_finish_impl<float>(a, begin, end);
+}
+
+// ------------------------------------------------------------------------------------------------
+// aux_adam_step_ (reference.aux_adam_step_ / penalty_grad), one pass, in place:
+//   p  = scale * (s(m) - rho * s(-m));  with weight: p = |w| < 1e-15 ? 0 : p / max(|w|, 1e-15)
+//   g  = p + grad
+//   m1 = exp_avg * beta1 + (1 - beta1) * g;   m2 = exp_avg_sq * beta2 + (1 - beta2) * g * g
+//   m  = m - (lr / bias1) * m1 / (sqrt(m2) / sqrt(bias2) + eps)
+// ------------------------------------------------------------------------------------------------
+template <typename CT>
+static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
+  CT abuf[kBlock], e1buf[kBlock], e2buf[kBlock], gbuf[kBlock], wbuf[kBlock], sp[kBlock], sn[kBlock];
+  CT o1buf[kBlock], o2buf[kBlock], oabuf[kBlock];
+  const CT alpha = alpha_ct<CT>(a.alpha);
+  const CT scale = static_cast<CT>(a.penalty_scale), rho = static_cast<CT>(a.rho);
+  const CT beta1 = static_cast<CT>(a.beta1), beta2 = static_cast<CT>(a.beta2);
+  const CT omb1 = static_cast<CT>(1.0 - a.beta1), omb2 = static_cast<CT>(1.0 - a.beta2);
+  const CT step_size = static_cast<CT>(a.step_size), bias2_sqrt = static_cast<CT>(a.bias2_sqrt);
+  const CT eps = static_cast<CT>(a.eps), tiny = static_cast<CT>(AP_INV_ABS_EPS);
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = imin(kBlock, end - off);
+    const CT* m = load_block<CT>(a.aux, a.aux_dt, off, n, abuf);
+    const CT* e1 = load_block<CT>(a.exp_avg, a.exp_avg_dt, off, n, e1buf);
+    const CT* e2 = load_block<CT>(a.exp_avg_sq, a.exp_avg_sq_dt, off, n, e2buf);
+    surrogate_pair_block(m, sp, sn, n, a.surrogate, alpha);
+    CT* g = sp;  // the gradient overwrites s(m)
+    for (int64_t i = 0; i < n; ++i) g[i] = scale * (sp[i] - rho * sn[i]);
+    if (a.weight) {
+      const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
+      for (int64_t i = 0; i < n; ++i) {
+        const CT aw = w[i] < CT(0) ? -w[i] : w[i];
+        g[i] = aw < tiny ? CT(0) : g[i] / (aw > tiny ? aw : tiny);
+      }
+    }
+    if (a.grad) {
+      const CT* gr = load_block<CT>(a.grad, a.grad_dt, off, n, gbuf);
+      for (int64_t i = 0; i < n; ++i) g[i] = g[i] + gr[i];
+    }
+    // results go to stack buffers first (the outputs alias the inputs: in place), then out
+    for (int64_t i = 0; i < n; ++i) {
+      const CT gi = g[i];
+      const CT m1 = e1[i] * beta1 + omb1 * gi;
+      const CT m2 = e2[i] * beta2 + omb2 * gi * gi;
+      o1buf[i] = m1;
+      o2buf[i] = m2;
+      oabuf[i] = m[i] - step_size * m1 / (__builtin_sqrt(m2) / bias2_sqrt + eps);
+    }
+    store_block<CT>(o1buf, a.exp_avg, a.exp_avg_dt, off, n);
+    store_block<CT>(o2buf, a.exp_avg_sq, a.exp_avg_sq_dt, off, n);
+    store_block<CT>(oabuf, a.aux, a.aux_dt, off, n);
+  }
+}
+
+static void adam(const AdamArgs& a, int64_t begin, int64_t end) {
+  if (a.f64)
+    adam_impl<double>(a, begin, end);
+  else
+    adam_impl<float>(a, begin, end);
+}
+
+static void surrogate_f32(const float* m, float* out, int64_t n, int kind, double alpha) {
+  for (int64_t off = 0; off < n; off += kBlock)
+    surrogate_block<float>(m + off, out + off, imin(kBlock, n - off), kind, alpha_ct<float>(alpha));
+}
+
+static const KernelTable kTable = {
+    AP_ISA_NAME, &apply_mask, &backward_weight, &backward_unit, &backward_unit_finish, &adam, &surrogate_f32,
+};
+
+#undef AP_INLINE
+
+}  // namespace AP_ISA_NS
+}  // namespace cpu
+}  // namespace autoprune

@@ -1,0 +1,205 @@
+// CUDA registration of the autoprune_cpp ops: checks the tensors, allocates outputs with torch, and
+// calls the launchers of autoprune_kernels.h on the current stream. Compiled only into CUDA builds
+// (torch.version.cuda and nvcc present); the kernels themselves (autoprune_kernels.cu) include no
+// torch header.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../ops_common.h"
+#include "autoprune_kernels.h"
+
+namespace autoprune {
+namespace {
+
+void check_launch(int code, const char* what) {
+  TORCH_CHECK(code == 0, "autoprune_cpp: CUDA ", what, " failed: ", ap_cuda_error_string(code));
+}
+
+void* current_stream(const at::Tensor& t) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+
+at::Tensor apply_mask_cuda(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
+                           c10::string_view rule, double alpha) {
+  surrogate_code(surrogate);
+  rule_code(rule);
+  check_alpha(alpha);
+  check_device(weight, "weight", c10::DeviceType::CUDA);
+  const bool unit = check_mask_pair(weight, aux);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor out = empty_like_contiguous(weight);
+  const int64_t numel = weight.numel();
+  if (numel == 0) return out;
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor a = aux.contiguous();
+  check_launch(ap_cuda_apply_mask(w.const_data_ptr(), dtype_code(w, "weight"), a.const_data_ptr(),
+                                  dtype_code(a, "aux"), out.mutable_data_ptr(), numel,
+                                  unit ? numel / weight.size(0) : 0, current_stream(weight)),
+               "apply_mask");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_backward_cuda(const at::Tensor& grad, const at::Tensor& weight,
+                                                      const at::Tensor& aux, c10::string_view surrogate,
+                                                      c10::string_view rule, double alpha, bool need_weight_grad,
+                                                      bool need_aux_grad) {
+  const int sur = surrogate_code(surrogate);
+  const int rul = rule_code(rule);
+  check_alpha(alpha);
+  check_device(weight, "weight", c10::DeviceType::CUDA);
+  const bool unit = check_mask_pair(weight, aux);
+  check_like(grad, "grad", weight, "weight");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor dW = need_weight_grad ? empty_like_contiguous(weight) : empty0(weight);
+  at::Tensor dM = need_aux_grad ? empty_like_contiguous(aux) : empty0(aux);
+  if (!need_weight_grad && !need_aux_grad) return {dW, dM};
+  const int64_t numel = weight.numel();
+  const int64_t rows = unit ? aux.numel() : 0;
+  const int64_t row_len = unit ? (rows > 0 ? numel / rows : 0) : 0;
+  if (unit && rows == 0) return {dW, dM};
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor a = aux.contiguous();
+  const at::Tensor w = need_aux_grad ? weight.contiguous() : weight;
+  const bool f64 = is_f64(grad) || is_f64(weight) || is_f64(aux);
+  const size_t ws_bytes = ap_cuda_mask_backward_workspace(rows, row_len, need_aux_grad ? 1 : 0);
+  at::Tensor workspace;
+  if (ws_bytes > 0)
+    workspace = at::empty({static_cast<int64_t>((ws_bytes + 7) / 8)}, a.options().dtype(at::kDouble));
+  check_launch(ap_cuda_mask_backward(g.const_data_ptr(), dtype_code(g, "grad"),
+                                     need_aux_grad ? w.const_data_ptr() : nullptr, dtype_code(weight, "weight"),
+                                     a.const_data_ptr(), dtype_code(a, "aux"),
+                                     need_weight_grad ? dW.mutable_data_ptr() : nullptr,
+                                     need_aux_grad ? dM.mutable_data_ptr() : nullptr,
+                                     numel, rows, row_len, sur, rul, alpha, f64 ? 1 : 0,
+                                     ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, current_stream(weight)),
+               "mask_backward");
+  return {dW, dM};
+}
+
+struct AdamSet {
+  InPlace aux, exp_avg, exp_avg_sq;
+  at::Tensor grad, weight;
+  ap_adam_tensor t{};
+};
+
+void prepare(AdamSet& s, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight, int64_t step,
+             double lr, double beta1, double beta2, double eps, double penalty_scale, const std::string& suffix) {
+  const at::Tensor& aux = s.aux.target;
+  const std::string an = "aux" + suffix;
+  dtype_code(aux, an.c_str());
+  check_like(s.exp_avg.target, ("exp_avg" + suffix).c_str(), aux, an.c_str());
+  check_like(s.exp_avg_sq.target, ("exp_avg_sq" + suffix).c_str(), aux, an.c_str());
+  const bool has_grad = grad.has_value() && grad->defined();
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_grad) {
+    check_like(*grad, ("grad" + suffix).c_str(), aux, an.c_str());
+    s.grad = grad->contiguous();
+  }
+  if (has_weight) {
+    check_like(*weight, ("weight" + suffix).c_str(), aux, an.c_str());
+    s.weight = weight->contiguous();
+  }
+  check_adam_scalars(step, lr, beta1, beta2, eps);
+  ap_adam_tensor& t = s.t;
+  t.aux = s.aux.work.mutable_data_ptr();
+  t.exp_avg = s.exp_avg.work.mutable_data_ptr();
+  t.exp_avg_sq = s.exp_avg_sq.work.mutable_data_ptr();
+  t.grad = has_grad ? s.grad.const_data_ptr() : nullptr;
+  t.weight = has_weight ? s.weight.const_data_ptr() : nullptr;
+  t.numel = aux.numel();
+  t.aux_dt = dtype_code(aux, "aux");
+  t.exp_avg_dt = dtype_code(s.exp_avg.work, "exp_avg");
+  t.exp_avg_sq_dt = dtype_code(s.exp_avg_sq.work, "exp_avg_sq");
+  t.grad_dt = has_grad ? dtype_code(s.grad, "grad") : AP_F32;
+  t.weight_dt = has_weight ? dtype_code(s.weight, "weight") : AP_F32;
+  t.compute_f64 = (is_f64(aux) || is_f64(s.exp_avg.target) || is_f64(grad) || is_f64(weight)) ? 1 : 0;
+  t.penalty_scale = penalty_scale;
+  adam_bias(step, lr, beta1, beta2, &t.step_size, &t.bias2_sqrt);
+}
+
+ap_adam_hyper make_hyper(double beta1, double beta2, double eps, double rho, int surrogate, double alpha) {
+  ap_adam_hyper h{};
+  h.rho = rho;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.alpha = alpha;
+  h.surrogate = surrogate;
+  return h;
+}
+
+void aux_adam_step_cuda(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                        const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
+                        c10::SymInt step, double lr, double beta1, double beta2, double eps, double penalty_scale,
+                        double rho, c10::string_view surrogate, double alpha) {
+  const int sur = surrogate_code(surrogate);
+  check_alpha(alpha);
+  check_device(aux, "aux", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(aux.device());
+  AdamSet s{InPlace(aux), InPlace(exp_avg), InPlace(exp_avg_sq), {}, {}};
+  prepare(s, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scale, "");
+  const ap_adam_hyper h = make_hyper(beta1, beta2, eps, rho, sur, alpha);
+  check_launch(ap_cuda_adam(&s.t, &h, current_stream(aux)), "aux_adam_step_");
+  s.aux.finish();
+  s.exp_avg.finish();
+  s.exp_avg_sq.finish();
+}
+
+void aux_adam_step_multi_cuda(at::TensorList aux, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                              const c10::List<std::optional<at::Tensor>>& grads,
+                              const c10::List<std::optional<at::Tensor>>& weights, c10::SymIntArrayRef steps,
+                              at::ArrayRef<double> penalty_scales, double lr, double beta1, double beta2, double eps,
+                              double rho, c10::string_view surrogate, double alpha) {
+  const size_t n = aux.size();
+  TORCH_CHECK_VALUE(exp_avg.size() == n && exp_avg_sq.size() == n && grads.size() == n && weights.size() == n &&
+                        steps.size() == n && penalty_scales.size() == n,
+                    "aux_adam_step_multi_: expected exp_avg, exp_avg_sq, grads, weights, steps and penalty_scales "
+                    "to have one entry per aux tensor (",
+                    n, ")");
+  if (n == 0) return;
+  const int sur = surrogate_code(surrogate);
+  check_alpha(alpha);
+  check_device(aux[0], "aux[0]", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(aux[0].device());
+  std::vector<AdamSet> sets;
+  sets.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::string suffix = "[" + std::to_string(i) + "]";
+    check_same_device(aux[i], ("aux" + suffix).c_str(), aux[0], "aux[0]");
+    sets.push_back(AdamSet{InPlace(aux[i]), InPlace(exp_avg[i]), InPlace(exp_avg_sq[i]), {}, {}});
+    prepare(sets.back(), grads.get(i), weights.get(i), steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps,
+            penalty_scales[i], suffix);
+  }
+  const ap_adam_hyper h = make_hyper(beta1, beta2, eps, rho, sur, alpha);
+  // one multi-tensor launch per compute precision (float64 tensors compute in double, as the reference)
+  for (int f64 = 0; f64 < 2; ++f64) {
+    std::vector<ap_adam_tensor> group;
+    for (const auto& s : sets)
+      if (s.t.compute_f64 == f64 && s.t.numel > 0) group.push_back(s.t);
+    if (!group.empty())
+      check_launch(ap_cuda_adam_multi(group.data(), static_cast<int>(group.size()), &h, current_stream(aux[0])),
+                   "aux_adam_step_multi_");
+  }
+  for (auto& s : sets) {
+    s.aux.finish();
+    s.exp_avg.finish();
+    s.exp_avg_sq.finish();
+  }
+}
+
+}  // namespace
+}  // namespace autoprune
+
+TORCH_LIBRARY_IMPL(autoprune_cpp, CUDA, m) {
+  m.impl("apply_mask", &autoprune::apply_mask_cuda);
+  m.impl("mask_backward", &autoprune::mask_backward_cuda);
+  m.impl("aux_adam_step_", &autoprune::aux_adam_step_cuda);
+  m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cuda);
+}

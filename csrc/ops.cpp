@@ -1,0 +1,416 @@
+// The `autoprune_cpp` operator library: the same schemas as the `autoprune` ops of
+// autoprune_ext/ops.py, implemented by C++ kernels. This file defines the library, the CPU
+// kernels' registration (TORCH_LIBRARY_IMPL(autoprune_cpp, CPU)), Meta (shape-only) kernels for
+// tracing / torch.compile, and the masked-linear ops composed from the mask ops and the library GEMM
+// (CompositeExplicitAutograd: every device). The CUDA kernels register themselves in
+// cuda/binding.cpp, compiled only when CUDA is available.
+//
+// Contract (autoprune_ext/backends/base.py): inputs may be non-contiguous; outputs are new
+// contiguous tensors (T / dW in weight's dtype, dM in aux's dtype); unrequested gradients come
+// back as empty (0-element) tensors; aux_adam_step_ updates aux, exp_avg and exp_avg_sq in place.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "ops_common.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace autoprune {
+namespace {
+
+constexpr int64_t kGrain = 32768;           // elements per parallel chunk at least
+constexpr int64_t kAdamTask = 65536;        // elements per multi-tensor Adam task
+
+using cpu::kernel_table;
+
+// Fresh outputs of several MiB are new mmap-ed pages: on Linux the first touch of every 4 KiB page
+// faults, which costs more than the kernel itself (about 5 ms per 16 MiB on a small VM). Asking for
+// transparent huge pages on the untouched buffer (what torch does for every allocation under
+// THP_MEM_ALLOC_ENABLE=1) makes that one fault per 2 MiB. AUTOPRUNE_CPU_HUGEPAGES=0 switches it off.
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("AUTOPRUNE_CPU_HUGEPAGES");
+    return v == nullptr || !(v[0] == '0' && v[1] == '\0');
+  }();
+  return on;
+}
+
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = empty_like_contiguous(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t nbytes = static_cast<uintptr_t>(out.nbytes());
+  if (nbytes >= 4 * kHuge && huge_pages_enabled()) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only: errors ignored
+  }
+#endif
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU kernels
+// ------------------------------------------------------------------------------------------------
+at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
+                          c10::string_view rule, double alpha) {
+  surrogate_code(surrogate);
+  rule_code(rule);
+  check_alpha(alpha);
+  check_device(weight, "weight", c10::DeviceType::CPU);
+  const bool unit = check_mask_pair(weight, aux);
+  at::Tensor out = new_output(weight);
+  const int64_t numel = weight.numel();
+  if (numel == 0) return out;
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor a = aux.contiguous();
+  cpu::ApplyMaskArgs args{};
+  args.weight = w.const_data_ptr();
+  args.weight_dt = dtype_code(w, "weight");
+  args.aux = a.const_data_ptr();
+  args.aux_dt = dtype_code(a, "aux");
+  args.out = out.mutable_data_ptr();
+  args.numel = numel;
+  args.row_len = unit ? numel / weight.size(0) : 0;
+  const auto& k = kernel_table();
+  at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { k.apply_mask(args, b, e); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                                                     const at::Tensor& aux, c10::string_view surrogate,
+                                                     c10::string_view rule, double alpha, bool need_weight_grad,
+                                                     bool need_aux_grad) {
+  const int sur = surrogate_code(surrogate);
+  const int rul = rule_code(rule);
+  check_alpha(alpha);
+  check_device(weight, "weight", c10::DeviceType::CPU);
+  const bool unit = check_mask_pair(weight, aux);
+  check_like(grad, "grad", weight, "weight");
+  at::Tensor dW = need_weight_grad ? new_output(weight) : empty0(weight);
+  at::Tensor dM = need_aux_grad ? new_output(aux) : empty0(aux);
+  if (!need_weight_grad && !need_aux_grad) return {dW, dM};
+  const int64_t numel = weight.numel();
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor a = aux.contiguous();
+  // the weight itself is read only for dM
+  const at::Tensor w = need_aux_grad ? weight.contiguous() : weight;
+  cpu::BackwardArgs args{};
+  args.grad = g.const_data_ptr();
+  args.grad_dt = dtype_code(g, "grad");
+  args.weight = need_aux_grad ? w.const_data_ptr() : nullptr;
+  args.weight_dt = dtype_code(weight, "weight");
+  args.aux = a.const_data_ptr();
+  args.aux_dt = dtype_code(a, "aux");
+  args.dW = need_weight_grad ? dW.mutable_data_ptr() : nullptr;
+  args.dM = need_aux_grad ? dM.mutable_data_ptr() : nullptr;
+  args.numel = numel;
+  args.surrogate = sur;
+  args.rule = rul;
+  args.alpha = alpha;
+  args.f64 = is_f64(grad) || is_f64(weight) || is_f64(aux);
+  const auto& k = kernel_table();
+  if (!unit) {
+    if (numel > 0)
+      at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
+    return {dW, dM};
+  }
+  const int64_t rows = aux.numel();
+  if (rows == 0) return {dW, dM};
+  const int64_t K = numel / rows;
+  args.rows = rows;
+  args.row_len = K;
+  args.tasks_per_row = K == 0 ? 1 : (K + cpu::kUnitColumns - 1) / cpu::kUnitColumns;
+  const int64_t tasks = rows * args.tasks_per_row;
+  at::Tensor partial;
+  if (need_aux_grad) {
+    partial = at::empty({tasks}, a.options().dtype(at::kDouble));
+    args.partial = partial.mutable_data_ptr<double>();
+  }
+  const int64_t cols = K < cpu::kUnitColumns ? (K > 0 ? K : 1) : cpu::kUnitColumns;
+  const int64_t task_grain = std::max<int64_t>(1, kGrain / cols);
+  at::parallel_for(0, tasks, task_grain, [&](int64_t b, int64_t e) { k.backward_unit(args, b, e); });
+  if (need_aux_grad)
+    at::parallel_for(0, rows, 4096, [&](int64_t b, int64_t e) { k.backward_unit_finish(args, b, e); });
+  return {dW, dM};
+}
+
+struct AdamTensors {
+  InPlace aux, exp_avg, exp_avg_sq;
+  at::Tensor grad, weight;  // contiguous or undefined
+  cpu::AdamArgs args{};
+};
+
+// checks one tensor set and prepares its kernel arguments (scalars of one step)
+void prepare_adam(AdamTensors& t, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
+                  int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
+                  int surrogate, double alpha, const char* suffix) {
+  const std::string s(suffix);
+  const at::Tensor& aux = t.aux.target;
+  dtype_code(aux, ("aux" + s).c_str());
+  check_like(t.exp_avg.target, ("exp_avg" + s).c_str(), aux, ("aux" + s).c_str());
+  check_like(t.exp_avg_sq.target, ("exp_avg_sq" + s).c_str(), aux, ("aux" + s).c_str());
+  const bool has_grad = grad.has_value() && grad->defined();
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_grad) {
+    check_like(*grad, ("grad" + s).c_str(), aux, ("aux" + s).c_str());
+    t.grad = grad->contiguous();
+  }
+  if (has_weight) {
+    check_like(*weight, ("weight" + s).c_str(), aux, ("aux" + s).c_str());
+    t.weight = weight->contiguous();
+  }
+  check_adam_scalars(step, lr, beta1, beta2, eps);
+  cpu::AdamArgs& a = t.args;
+  a.aux = t.aux.work.mutable_data_ptr();
+  a.aux_dt = dtype_code(aux, "aux");
+  a.exp_avg = t.exp_avg.work.mutable_data_ptr();
+  a.exp_avg_dt = dtype_code(t.exp_avg.work, "exp_avg");
+  a.exp_avg_sq = t.exp_avg_sq.work.mutable_data_ptr();
+  a.exp_avg_sq_dt = dtype_code(t.exp_avg_sq.work, "exp_avg_sq");
+  a.grad = has_grad ? t.grad.const_data_ptr() : nullptr;
+  a.grad_dt = has_grad ? dtype_code(t.grad, "grad") : AP_F32;
+  a.weight = has_weight ? t.weight.const_data_ptr() : nullptr;
+  a.weight_dt = has_weight ? dtype_code(t.weight, "weight") : AP_F32;
+  a.numel = aux.numel();
+  a.penalty_scale = penalty_scale;
+  a.rho = rho;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  adam_bias(step, lr, beta1, beta2, &a.step_size, &a.bias2_sqrt);
+  a.surrogate = surrogate;
+  a.alpha = alpha;
+  // reference.compute_dtype(aux, exp_avg, grad, weight)
+  a.f64 = is_f64(aux) || is_f64(t.exp_avg.target) || is_f64(grad) || is_f64(weight);
+}
+
+void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                       const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight, c10::SymInt step,
+                       double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
+                       c10::string_view surrogate, double alpha) {
+  const int sur = surrogate_code(surrogate);
+  check_alpha(alpha);
+  check_device(aux, "aux", c10::DeviceType::CPU);
+  AdamTensors t{InPlace(aux), InPlace(exp_avg), InPlace(exp_avg_sq), {}, {}};
+  prepare_adam(t, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scale, rho, sur,
+               alpha, "");
+  if (t.args.numel > 0) {
+    const auto& k = kernel_table();
+    at::parallel_for(0, t.args.numel, kGrain, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
+  }
+  t.aux.finish();
+  t.exp_avg.finish();
+  t.exp_avg_sq.finish();
+}
+
+void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                             const c10::List<std::optional<at::Tensor>>& grads,
+                             const c10::List<std::optional<at::Tensor>>& weights, c10::SymIntArrayRef steps,
+                             at::ArrayRef<double> penalty_scales, double lr, double beta1, double beta2, double eps,
+                             double rho, c10::string_view surrogate, double alpha) {
+  const size_t n = aux.size();
+  TORCH_CHECK_VALUE(exp_avg.size() == n && exp_avg_sq.size() == n && grads.size() == n && weights.size() == n &&
+                        steps.size() == n && penalty_scales.size() == n,
+                    "aux_adam_step_multi_: expected exp_avg, exp_avg_sq, grads, weights, steps and penalty_scales "
+                    "to have one entry per aux tensor (",
+                    n, ")");
+  const int sur = surrogate_code(surrogate);
+  check_alpha(alpha);
+  std::vector<AdamTensors> sets;
+  sets.reserve(n);
+  struct Task {
+    size_t set;
+    int64_t begin, end;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string suffix = "[" + std::to_string(i) + "]";
+    check_device(aux[i], ("aux" + suffix).c_str(), c10::DeviceType::CPU);
+    sets.push_back(AdamTensors{InPlace(aux[i]), InPlace(exp_avg[i]), InPlace(exp_avg_sq[i]), {}, {}});
+    prepare_adam(sets.back(), grads.get(i), weights.get(i), steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2,
+                 eps, penalty_scales[i], rho, sur, alpha, suffix.c_str());
+    const int64_t numel = sets.back().args.numel;
+    for (int64_t b = 0; b < numel; b += kAdamTask) tasks.push_back({i, b, std::min(numel, b + kAdamTask)});
+  }
+  if (!tasks.empty()) {
+    const auto& k = kernel_table();
+    // one parallel region over all tensors: many small tensors do not pay one fork-join each
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) k.adam(sets[tasks[t].set].args, tasks[t].begin, tasks[t].end);
+    });
+  }
+  for (auto& s : sets) {
+    s.aux.finish();
+    s.exp_avg.finish();
+    s.exp_avg_sq.finish();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Meta kernels (shapes only) for fake tensors / torch.compile
+// ------------------------------------------------------------------------------------------------
+at::Tensor apply_mask_meta(const at::Tensor& weight, const at::Tensor& aux, c10::string_view, c10::string_view,
+                           double) {
+  return at::empty_symint(weight.sym_sizes(), weight.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_backward_meta(const at::Tensor& grad, const at::Tensor& weight,
+                                                      const at::Tensor& aux, c10::string_view, c10::string_view,
+                                                      double, bool need_weight_grad, bool need_aux_grad) {
+  at::Tensor dW = need_weight_grad ? at::empty_symint(weight.sym_sizes(), weight.options()) : empty0(weight);
+  at::Tensor dM = need_aux_grad ? at::empty_symint(aux.sym_sizes(), aux.options()) : empty0(aux);
+  return {dW, dM};
+}
+
+void aux_adam_step_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, c10::SymInt, double, double, double, double, double, double,
+                        c10::string_view, double) {}
+
+void aux_adam_step_multi_meta(at::TensorList, at::TensorList, at::TensorList,
+                              const c10::List<std::optional<at::Tensor>>&, const c10::List<std::optional<at::Tensor>>&,
+                              c10::SymIntArrayRef, at::ArrayRef<double>, double, double, double, double, double,
+                              c10::string_view, double) {}
+
+// ------------------------------------------------------------------------------------------------
+// masked linear: composed from the mask ops (through the dispatcher) and the library GEMM
+// ------------------------------------------------------------------------------------------------
+at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
+                           c10::string_view rule, double alpha) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::apply_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view,
+                                         double)>();
+  return op.call(weight, aux, surrogate, rule, alpha);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_mask_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                      const at::Tensor& aux, c10::string_view surrogate,
+                                                      c10::string_view rule, double alpha, bool need_w, bool need_m) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::mask_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, c10::string_view, c10::string_view,
+                                                                 double, bool, bool)>();
+  return op.call(grad, weight, aux, surrogate, rule, alpha, need_w, need_m);
+}
+
+at::Tensor masked_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+                         const std::optional<at::Tensor>& bias, c10::string_view surrogate, c10::string_view rule,
+                         double alpha) {
+  return at::linear(input, call_apply_mask(weight, aux, surrogate, rule, alpha), bias);
+}
+
+// reference.masked_linear_backward: dX = g @ T, dT = g^T X -> mask_backward, db = sum g
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+    c10::string_view surrogate, c10::string_view rule, double alpha, bool need_input_grad, bool need_weight_grad,
+    bool need_aux_grad, bool need_bias_grad) {
+  // explicit token count: reshape(-1, 0) is ambiguous for empty tensors
+  c10::SymInt tokens(1);
+  const c10::SymIntArrayRef xs = input.sym_sizes();
+  for (size_t i = 0; i + 1 < xs.size(); ++i) tokens = tokens * xs[i];
+  const std::vector<c10::SymInt> g_shape{tokens, weight.sym_size(0)};
+  const at::Tensor g2 = grad_out.reshape_symint(g_shape);
+  at::Tensor dX, dW, dM, db;
+  if (need_input_grad) {
+    const at::Tensor T = call_apply_mask(weight, aux, surrogate, rule, alpha).to(g2.scalar_type());
+    dX = g2.mm(T).reshape_symint(input.sym_sizes());
+  } else {
+    dX = empty0(input);
+  }
+  if (need_weight_grad || need_aux_grad) {
+    const std::vector<c10::SymInt> x_shape{tokens, weight.sym_size(1)};
+    const at::Tensor dT = g2.t().mm(input.reshape_symint(x_shape).to(g2.scalar_type()));
+    std::tie(dW, dM) = call_mask_backward(dT, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad);
+  } else {
+    dW = empty0(weight);
+    dM = empty0(aux);
+  }
+  if (need_bias_grad) {
+    const std::vector<int64_t> dim0{0};
+    db = g2.sum(dim0);
+  } else {
+    db = empty0(grad_out);
+  }
+  return {dX, dW, dM, db};
+}
+
+// ------------------------------------------------------------------------------------------------
+// information / test helpers
+// ------------------------------------------------------------------------------------------------
+std::string cpu_isa() { return kernel_table().isa; }
+
+std::vector<std::string> cpu_isas() {
+  int count = 0;
+  const char* const* names = cpu::supported_isas(&count);
+  return std::vector<std::string>(names, names + count);
+}
+
+std::string set_cpu_isa(c10::string_view name) {
+  const std::string s(name.data(), name.size());
+  TORCH_CHECK_VALUE(cpu::set_isa(s.c_str()), "set_cpu_isa: '", s, "' is not compiled in or not supported by this CPU");
+  return cpu_isa();
+}
+
+}  // namespace
+}  // namespace autoprune
+
+TORCH_LIBRARY(autoprune_cpp, m) {
+  m.def("apply_mask(Tensor weight, Tensor aux, str surrogate, str rule, float alpha) -> Tensor");
+  m.def(
+      "mask_backward(Tensor grad, Tensor weight, Tensor aux, str surrogate, str rule, float alpha, "
+      "bool need_weight_grad, bool need_aux_grad) -> (Tensor, Tensor)");
+  m.def(
+      "masked_linear(Tensor input, Tensor weight, Tensor aux, Tensor? bias, str surrogate, str rule, float alpha) "
+      "-> Tensor");
+  m.def(
+      "masked_linear_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor aux, str surrogate, str rule, "
+      "float alpha, bool need_input_grad, bool need_weight_grad, bool need_aux_grad, bool need_bias_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "aux_adam_step_(Tensor(a0!) aux, Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, Tensor? grad, Tensor? weight, "
+      "SymInt step, float lr, float beta1, float beta2, float eps, float penalty_scale, float rho, str surrogate, "
+      "float alpha) -> ()");
+  m.def(
+      "aux_adam_step_multi_(Tensor(a0!)[] aux, Tensor(a1!)[] exp_avg, Tensor(a2!)[] exp_avg_sq, Tensor?[] grads, "
+      "Tensor?[] weights, SymInt[] steps, float[] penalty_scales, float lr, float beta1, float beta2, float eps, "
+      "float rho, str surrogate, float alpha) -> ()");
+  m.def("cpu_isa() -> str", &autoprune::cpu_isa);
+  m.def("cpu_isas() -> str[]", &autoprune::cpu_isas);
+  m.def("set_cpu_isa(str isa) -> str", &autoprune::set_cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
+  m.impl("apply_mask", &autoprune::apply_mask_cpu);
+  m.impl("mask_backward", &autoprune::mask_backward_cpu);
+  m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);
+  m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cpu);
+}
+
+TORCH_LIBRARY_IMPL(autoprune_cpp, Meta, m) {
+  m.impl("apply_mask", &autoprune::apply_mask_meta);
+  m.impl("mask_backward", &autoprune::mask_backward_meta);
+  m.impl("aux_adam_step_", &autoprune::aux_adam_step_meta);
+  m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_meta);
+}
+
+TORCH_LIBRARY_IMPL(autoprune_cpp, CompositeExplicitAutograd, m) {
+  m.impl("masked_linear", &autoprune::masked_linear);
+  m.impl("masked_linear_backward", &autoprune::masked_linear_backward);
+}
