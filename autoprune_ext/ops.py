@@ -22,12 +22,19 @@ dtypes, devices, names); the non-finite test of ``aux`` lives in the functional 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import _checks, backends
+
+
+def _backend_scope(name: str | None) -> contextlib.AbstractContextManager:
+    """Re-enter in backward the backend forced during forward: autograd may run backward on its own
+    threads, where the thread-local choice of ``backends.use`` is not visible."""
+    return backends.use(name) if name is not None else contextlib.nullcontext()
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -87,6 +94,7 @@ def _apply_mask_setup(ctx, inputs, output) -> None:
     weight, aux, surrogate, rule, alpha = inputs
     ctx.save_for_backward(weight, aux)
     ctx.options = (surrogate, rule, alpha)
+    ctx.backend = backends.forced()
 
 
 def _apply_mask_backward(ctx, grad):
@@ -94,7 +102,8 @@ def _apply_mask_backward(ctx, grad):
     need_w, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_w or need_m):
         return None, None, None, None, None
-    dW, dM = torch.ops.autoprune.mask_backward(grad, weight, aux, *ctx.options, need_w, need_m)
+    with _backend_scope(ctx.backend):
+        dW, dM = torch.ops.autoprune.mask_backward(grad, weight, aux, *ctx.options, need_w, need_m)
     return (dW if need_w else None), (dM if need_m else None), None, None, None
 
 
@@ -183,6 +192,7 @@ def _masked_linear_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(input, weight, aux)
     ctx.options = (surrogate, rule, alpha)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backends.forced()
 
 
 def _masked_linear_backward(ctx, grad_out):
@@ -191,9 +201,10 @@ def _masked_linear_backward(ctx, grad_out):
     need_b = bool(need[3]) and ctx.bias_dtype is not None
     if not (need[0] or need[1] or need[2] or need_b):
         return None, None, None, None, None, None, None
-    dX, dW, dM, db = torch.ops.autoprune.masked_linear_backward(
-        grad_out, input, weight, aux, *ctx.options, need[0], need[1], need[2], need_b
-    )
+    with _backend_scope(ctx.backend):
+        dX, dW, dM, db = torch.ops.autoprune.masked_linear_backward(
+            grad_out, input, weight, aux, *ctx.options, need[0], need[1], need[2], need_b
+        )
     return (
         dX if need[0] else None,
         dW if need[1] else None,

@@ -112,3 +112,24 @@ def test_every_backend_implements_every_op():
             assert callable(getattr(b, op)), (name, op)
         for op in ("apply_mask", "mask_backward", "aux_adam_step_"):
             assert getattr(type(b), op) is not getattr(Backend, op), f"{name} lacks the primitive {op}"
+
+
+def test_backward_on_another_thread_keeps_the_forced_backend(extra_backends):
+    """Autograd may run backward on its own threads; the backend forced in forward must still apply."""
+    import threading
+
+    seen = []
+
+    class Recording(_Counting):
+        def mask_backward(self, *args):
+            seen.append(threading.current_thread().name)
+            return super().mask_backward(*args)
+
+    backends.register("counting", Recording)
+    w = torch.randn(4, requires_grad=True)
+    with backends.use("counting"):
+        t = torch.ops.autoprune.apply_mask(w, torch.randn(4), "softplus", "sign", 0.1)
+    worker = threading.Thread(target=lambda: t.sum().backward(), name="autograd-like")
+    worker.start()
+    worker.join()
+    assert seen == ["autograd-like"] and w.grad is not None

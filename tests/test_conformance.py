@@ -162,7 +162,8 @@ ADAM_HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, penalty_scale=0.37, rh
 
 
 def _run_adam_ref(aux, m1, m2, grad, weight, step, surrogate, alpha):
-    a, e1, e2 = aux.double(), m1.double(), m2.double()
+    # .clone(): .double() of a float64 tensor is the tensor itself, which the step would mutate
+    a, e1, e2 = aux.double().clone(), m1.double().clone(), m2.double().clone()
     ref.aux_adam_step_(
         a, e1, e2, None if grad is None else grad.double(), None if weight is None else weight.double(),
         step=step, lr=ADAM_HP["lr"], beta1=ADAM_HP["beta1"], beta2=ADAM_HP["beta2"], eps=ADAM_HP["eps"],
@@ -209,7 +210,7 @@ def test_aux_adam_step_multi(backend):
     scales = [0.1, 0.2, 0.0, 0.4, 0.5]
     expected = []
     for (aux, m1, m2, grad, weight), step, scale in zip(cases, steps, scales):
-        a, e1, e2 = aux.double(), m1.double(), m2.double()
+        a, e1, e2 = aux.double().clone(), m1.double().clone(), m2.double().clone()
         ref.aux_adam_step_(a, e1, e2, None if grad is None else grad.double(),
                            None if weight is None else weight.double(), step=step, lr=1e-2, beta1=0.8,
                            beta2=0.99, eps=1e-6, penalty_scale=scale, rho=1e-2, surrogate_name="sigmoid")

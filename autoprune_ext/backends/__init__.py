@@ -165,6 +165,9 @@ def select(device: torch.device) -> Backend:
     if name is not None:
         _check_name(name)
         ok, why = availability(name, device.type)
+        if not ok:  # a cached "no" may predate a build that use()/the env var now allows: ask again
+            _availability.pop((name, device.type), None)
+            ok, why = availability(name, device.type)
         if not ok:
             raise RuntimeError(f"autoprune backend {name!r} cannot run on {device.type} tensors: {why}")
         backend = get(name)

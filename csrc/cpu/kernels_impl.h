@@ -136,10 +136,10 @@ AP_INLINE double softplus_ct(double x) { return softplus_d(x); }
 AP_INLINE float sigmoid_ct(float x) { return sigmoid_f(x); }
 AP_INLINE double sigmoid_ct(double x) { return sigmoid_d(x); }
 
-// reference.surrogate: alpha goes through a float32 tensor (torch.where with Python scalars)
+// reference.surrogate: alpha in the compute precision (double for float64 inputs)
 template <typename CT>
 AP_INLINE CT alpha_ct(double alpha) {
-  return static_cast<CT>(static_cast<float>(alpha));
+  return static_cast<CT>(alpha);
 }
 
 template <typename CT>

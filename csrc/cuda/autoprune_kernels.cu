@@ -161,7 +161,7 @@ __device__ __forceinline__ double abs_(double x) { return fabs(x); }
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
 
-// reference.surrogate (alpha passes through a float32 tensor there)
+// reference.surrogate: alpha in the compute precision (CT)
 template <typename CT>
 __device__ __forceinline__ CT surrogate(CT m, int kind, CT alpha) {
   switch (kind) {
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) apply_mask_kernel(MaskParams p) {
 template <typename CT>
 __global__ void __launch_bounds__(kThreads) backward_kernel(MaskParams p) {
   const int64_t groups = (p.numel + kVec - 1) / kVec;
-  const CT alpha = static_cast<CT>(static_cast<float>(p.alpha));
+  const CT alpha = static_cast<CT>(p.alpha);
   const bool need_m = p.dM != nullptr && p.row_len == 0;  // unit-granularity dM: unit_reduce_kernel
   for (int64_t gi = global_thread(); gi < groups; gi += grid_stride()) {
     const int64_t i0 = gi * kVec;
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) unit_reduce_kernel(MaskParams p, int
 template <typename CT>
 __global__ void __launch_bounds__(kThreads) unit_finish_kernel(MaskParams p, int64_t rows, int64_t tasks_per_row,
                                                                  const double* partial) {
-  const CT alpha = static_cast<CT>(static_cast<float>(p.alpha));
+  const CT alpha = static_cast<CT>(p.alpha);
   for (int64_t r = global_thread(); r < rows; r += grid_stride()) {
     double s = 0.0;
     for (int64_t c = 0; c < tasks_per_row; ++c) s += partial[r * tasks_per_row + c];
@@ -342,7 +342,7 @@ __device__ __forceinline__ void adam_group(const ap_adam_tensor& t, const ap_ada
   load8(t.aux, t.aux_dt, i0, n, m);
   load8(t.exp_avg, t.exp_avg_dt, i0, n, e1);
   load8(t.exp_avg_sq, t.exp_avg_sq_dt, i0, n, e2);
-  const CT alpha = static_cast<CT>(static_cast<float>(h.alpha));
+  const CT alpha = static_cast<CT>(h.alpha);
   const CT scale = static_cast<CT>(t.penalty_scale), rho = static_cast<CT>(h.rho);
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
