@@ -175,6 +175,7 @@ def _fail(message: str) -> int:
 
 #: extra subcommands: (module, function adding the parser); later modules plug in here
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_prune_parser]
+from .potential_cli import add_potential_parser; EXTRA_COMMANDS.append(add_potential_parser)  # noqa: E402,E702
 
 
 def build_parser() -> argparse.ArgumentParser:
