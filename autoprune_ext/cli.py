@@ -1,6 +1,7 @@
 """``autoprune-ext``: the command-line entry point.
 
-Subcommands: ``info`` (versions, backends and why some are unusable), ``prune`` (the main job).
+Subcommands: ``info`` (versions, backends and why some are unusable), ``prune`` (the main job),
+``potential`` (prune potential of several methods under distribution shift).
 Bad arguments print one line and exit with status 2.
 """
 
@@ -12,6 +13,8 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .potential_cli import add_potential_parser
 
 # per-model AutoPrune defaults tuned on digits (see README: reproduction table)
 MODEL_DEFAULTS: dict[str, dict[str, float]] = {
@@ -173,9 +176,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-#: extra subcommands: (module, function adding the parser); later modules plug in here
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_prune_parser]
-from .potential_cli import add_potential_parser; EXTRA_COMMANDS.append(add_potential_parser)  # noqa: E402,E702
+#: subcommands beside ``info``: functions adding their parser
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_prune_parser, add_potential_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
