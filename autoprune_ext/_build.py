@@ -280,7 +280,8 @@ def _try_prebuilt() -> bool:
     """Load the ahead-of-time module or a cached JIT build; never compiles."""
     errors = []
     try:
-        spec = importlib.util.find_spec(AOT_MODULE)
+        # AUTOPRUNE_IGNORE_AOT=1: use only JIT builds (tests of the JIT path, or a stale AOT module)
+        spec = None if _env_flag("AUTOPRUNE_IGNORE_AOT") else importlib.util.find_spec(AOT_MODULE)
     except Exception:
         spec = None
     if spec is not None and spec.origin and os.path.isfile(spec.origin):
