@@ -8,12 +8,12 @@ Bad arguments print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._cli_args import check_model_and_data, fail, fraction, nonneg_float, nonneg_int
 from .potential_cli import add_potential_parser
 
 # per-model AutoPrune defaults tuned on digits (see README: reproduction table)
@@ -21,30 +21,6 @@ MODEL_DEFAULTS: dict[str, dict[str, float]] = {
     "lenet300": {"lambda_fc": 40.0, "lambda_conv": 20.0},
     "lenet5": {"lambda_fc": 40.0, "lambda_conv": 20.0},
 }
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _nonneg_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,19 +73,19 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of init, split and batch order (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--backend", default=None, help="force a kernel backend: reference, triton or cpp")
-    p.add_argument("--dense-steps", type=_positive_int, default=2000, help="dense parent training steps (default 2000)")
-    p.add_argument("--dense-lr", type=_nonneg_float, default=1e-3, help="dense parent Adam lr (default 1e-3)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="AutoPrune iterations (default 1000)")
-    p.add_argument("--finetune-steps", type=_positive_int, default=300,
+    p.add_argument("--dense-steps", type=nonneg_int, default=2000, help="dense parent training steps (default 2000)")
+    p.add_argument("--dense-lr", type=nonneg_float, default=1e-3, help="dense parent Adam lr (default 1e-3)")
+    p.add_argument("--steps", type=nonneg_int, default=1000, help="AutoPrune iterations (default 1000)")
+    p.add_argument("--finetune-steps", type=nonneg_int, default=300,
                    help="fine-tuning steps with the mask fixed, 0 for none (default 300)")
-    p.add_argument("--finetune-lr", type=_nonneg_float, default=5e-4, help="fine-tuning lr (default 5e-4)")
+    p.add_argument("--finetune-lr", type=nonneg_float, default=5e-4, help="fine-tuning lr (default 5e-4)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size of every phase (default 64)")
-    p.add_argument("--lr-weight", type=_nonneg_float, default=1e-3, help="lr of W during AutoPrune (default 1e-3)")
-    p.add_argument("--lr-aux", type=_nonneg_float, default=0.1, help="lr of the masks M, Adam (default 0.1)")
-    p.add_argument("--lambda-fc", type=_nonneg_float, default=None, help="penalty lambda of linear layers (default per model, 40)")
-    p.add_argument("--lambda-conv", type=_nonneg_float, default=None, help="penalty lambda of conv layers (default per model, 20)")
-    p.add_argument("--rho", type=_nonneg_float, default=1e-3, help="recovery weight rho (default 1e-3)")
-    p.add_argument("--target-density", type=_fraction, default=None,
+    p.add_argument("--lr-weight", type=nonneg_float, default=1e-3, help="lr of W during AutoPrune (default 1e-3)")
+    p.add_argument("--lr-aux", type=nonneg_float, default=0.1, help="lr of the masks M, Adam (default 0.1)")
+    p.add_argument("--lambda-fc", type=nonneg_float, default=None, help="penalty lambda of linear layers (default per model, 40)")
+    p.add_argument("--lambda-conv", type=nonneg_float, default=None, help="penalty lambda of conv layers (default per model, 20)")
+    p.add_argument("--rho", type=nonneg_float, default=1e-3, help="recovery weight rho (default 1e-3)")
+    p.add_argument("--target-density", type=fraction, default=None,
                    help="adapt lambda to reach this kept fraction instead of a fixed lambda")
     p.add_argument("--inv-abs-weight", action="store_true", help="scale the penalty gradient by 1/|w|")
     p.add_argument("--granularity", choices=GRANULARITIES, default="weight", help="mask per weight or per unit")
@@ -118,7 +94,7 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("bilevel", "same_batch"), default="bilevel",
                    help="mask steps on held-out batches (bilevel) or on the training batch")
     p.add_argument("--freeze-bn", action="store_true", help="batch norm and dropout in eval mode while pruning")
-    p.add_argument("--eval-every", type=_positive_int, default=100, help="test accuracy every N steps (default 100)")
+    p.add_argument("--eval-every", type=nonneg_int, default=100, help="test accuracy every N steps (default 100)")
     p.add_argument("--baseline", action="store_true",
                    help="also run global magnitude pruning at the same density, fine-tuned as long, for comparison")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -127,23 +103,15 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .autoprune import AutoPruneConfig
-    from .data import DATASETS
-    from .models import model_names
     from .prune_job import PruneJob, run
 
-    if args.model not in model_names():
-        return _fail(f"--model: unknown model {args.model!r}; choose from {', '.join(model_names())}")
-    if args.data not in DATASETS:
-        return _fail(f"--data: unknown dataset {args.data!r}; choose from {', '.join(DATASETS)}")
-    if args.data != "digits":
-        if args.data_dir is None:
-            return _fail(f"--data-dir: the {args.data} dataset is read from local files; name their directory")
-        if not Path(args.data_dir).is_dir():
-            return _fail(f"--data-dir: {args.data_dir} is not a directory")
+    bad = check_model_and_data(args)
+    if bad is not None:
+        return bad
     if args.parent is not None and not Path(args.parent).is_file():
-        return _fail(f"--parent: {args.parent} is not a file")
+        return fail(f"--parent: {args.parent} is not a file")
     if args.batch_size < 1:
-        return _fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
+        return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
     defaults = MODEL_DEFAULTS.get(args.model, {"lambda_fc": 0.4, "lambda_conv": 0.2})
     lam_fc = defaults["lambda_fc"] if args.lambda_fc is None else args.lambda_fc
     lam_conv = defaults["lambda_conv"] if args.lambda_conv is None else args.lambda_conv
@@ -171,11 +139,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    sys.stderr.write(f"autoprune-ext: error: {message}\n")
-    return 2
-
-
 #: subcommands beside ``info``: functions adding their parser
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_prune_parser, add_potential_parser]
 
@@ -197,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as exc:  # bad data directory or option: one line, status 2
-        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
+
+from ._cli_args import check_model_and_data, fail, nonneg_int, pos_float
 
 #: settings of ``--quick``: a smoke run of a few seconds to a minute on digits
 QUICK = {"dense_steps": 150, "autoprune_steps": 40, "ratios": "0.5,0.8,0.9", "corruptions": "gaussian_noise,gaussian_blur",
          "noise_draws": 2, "noise_images": 64, "noise_max": 0.6, "noise_step": 0.2}
-
-
-def _fail(message: str) -> int:
-    sys.stderr.write(f"autoprune-ext: error: {message}\n")
-    return 2
 
 
 def _int_list(text: str) -> list[int]:
@@ -52,26 +48,6 @@ def _ratio_list(text: str) -> list[float]:
     return values
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
-def _pos_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def add_potential_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``potential`` subcommand (called from :data:`autoprune_ext.cli.EXTRA_COMMANDS`)."""
     p = sub.add_parser(
@@ -93,19 +69,19 @@ def add_potential_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severity", type=_int_list, default=None, help="corruption severities 1..5, e.g. 3 or 1,3,5 (default 3)")
     p.add_argument("--mode", choices=("cascade", "one-shot"), default="cascade",
                    help="cascade: prune the previous retrained net further; one-shot: restart from the parent")
-    p.add_argument("--dense-steps", type=_nonneg_int, default=None, help="parent training steps (default 1000)")
-    p.add_argument("--retrain-steps", type=_nonneg_int, default=None,
+    p.add_argument("--dense-steps", type=nonneg_int, default=None, help="parent training steps (default 1000)")
+    p.add_argument("--retrain-steps", type=nonneg_int, default=None,
                    help="retraining steps per ratio (default: the parent's, learning-rate rewinding)")
-    p.add_argument("--autoprune-steps", type=_nonneg_int, default=None, help="AutoPrune iterations per ratio (default 300)")
-    p.add_argument("--lr", type=_pos_float, default=1e-3, help="Adam lr of parent training and retraining (default 1e-3)")
-    p.add_argument("--batch-size", type=_nonneg_int, default=64, help="batch size (default 64)")
-    p.add_argument("--noise-draws", type=_nonneg_int, default=None,
+    p.add_argument("--autoprune-steps", type=nonneg_int, default=None, help="AutoPrune iterations per ratio (default 300)")
+    p.add_argument("--lr", type=pos_float, default=1e-3, help="Adam lr of parent training and retraining (default 1e-3)")
+    p.add_argument("--batch-size", type=nonneg_int, default=64, help="batch size (default 64)")
+    p.add_argument("--noise-draws", type=nonneg_int, default=None,
                    help="uniform-noise draws per image, 0 to skip the noise probe (default 10; the paper: 100)")
-    p.add_argument("--noise-images", type=_nonneg_int, default=None, help="test images of the noise probe, 0 for all (default 256)")
+    p.add_argument("--noise-images", type=nonneg_int, default=None, help="test images of the noise probe, 0 for all (default 256)")
     p.add_argument("--noise-max", type=float, default=None, help="largest noise eps (default 0.7)")
-    p.add_argument("--noise-step", type=_pos_float, default=None, help="noise eps step (default 0.05)")
+    p.add_argument("--noise-step", type=pos_float, default=None, help="noise eps step (default 0.05)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=_nonneg_int, default=0,
+    p.add_argument("--threads", type=nonneg_int, default=0,
                    help="torch CPU threads, 0 for torch's default (1 is fastest on a busy shared machine)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke settings: 150 parent steps, 3 ratios, 2 corruptions, a small noise probe")
@@ -133,42 +109,34 @@ def _corruption_list(text: str | None) -> list[str]:
 
 
 def cmd_potential(args: argparse.Namespace) -> int:
-    from .data import DATASETS
     from .evaluation.metrics import noise_levels
     from .evaluation.study import StudyConfig, default_prune_ratios, method_available, potential_table, run_study
-    from .models import model_names
 
-    if args.model not in model_names():
-        return _fail(f"--model: unknown model {args.model!r}; choose from {', '.join(model_names())}")
-    if args.data not in DATASETS:
-        return _fail(f"--data: unknown dataset {args.data!r}; choose from {', '.join(DATASETS)}")
-    if args.data != "digits":
-        if args.data_dir is None:
-            return _fail(f"--data-dir: the {args.data} dataset is read from local files; name their directory")
-        if not Path(args.data_dir).is_dir():
-            return _fail(f"--data-dir: {args.data_dir} is not a directory")
+    bad = check_model_and_data(args)
+    if bad is not None:
+        return bad
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        return _fail("--methods: expected at least one method")
+        return fail("--methods: expected at least one method")
     for m in methods:
         ok, why = method_available(m)
         if not ok:
-            return _fail(f"--methods: {why}")
+            return fail(f"--methods: {why}")
     if args.batch_size < 1:
-        return _fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
+        return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
     quick = QUICK if args.quick else {}
     try:
         corruptions = _corruption_list(args.corruptions if args.corruptions is not None else quick.get("corruptions"))
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     severities = args.severity or [3]
     if any(not 1 <= s <= 5 for s in severities):
-        return _fail(f"--severity: expected integers in 1..5, got {','.join(map(str, severities))}")
+        return fail(f"--severity: expected integers in 1..5, got {','.join(map(str, severities))}")
     ratios = args.ratios or (_ratio_list(quick["ratios"]) if quick else default_prune_ratios())
     noise_max = args.noise_max if args.noise_max is not None else quick.get("noise_max", 0.7)
     noise_step = args.noise_step if args.noise_step is not None else quick.get("noise_step", 0.05)
     if not (math.isfinite(noise_max) and noise_max >= 0):
-        return _fail(f"--noise-max: expected a non-negative number, got {noise_max}")
+        return fail(f"--noise-max: expected a non-negative number, got {noise_max}")
 
     def pick(value: int | None, key: str, default: int) -> int:
         return value if value is not None else int(quick.get(key, default))
@@ -184,7 +152,7 @@ def cmd_potential(args: argparse.Namespace) -> int:
             noise_images=pick(args.noise_images, "noise_images", 256), device=args.device,
         )
     except ValueError as exc:
-        return _fail(str(exc).splitlines()[0])
+        return fail(str(exc).splitlines()[0])
     out = Path(args.out or f"runs/potential-{args.model}-{args.data}")
     log = (lambda s: None) if args.quiet else print
     import torch
