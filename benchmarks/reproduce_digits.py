@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from autoprune_ext.autoprune import AutoPruneConfig
+from autoprune_ext.cli import MODEL_DEFAULTS
 from autoprune_ext.prune_job import PruneJob, run
 
-#: the per-model settings the README reports (also the CLI defaults for these models)
-SETTINGS: dict[str, dict] = {
-    "lenet300": {"penalty": {"linear": 40.0, "conv": 20.0}, "lr_aux": 0.1, "prune_steps": 1000},
-    "lenet5": {"penalty": {"linear": 20.0, "conv": 2.0}, "lr_aux": 0.05, "prune_steps": 1000},
-}
+def settings(model: str) -> dict:
+    """The CLI's per-model defaults (what ``autoprune-ext prune --model M`` runs)."""
+    d = MODEL_DEFAULTS[model]
+    return {"penalty": {"linear": d["lambda_fc"], "conv": d["lambda_conv"]}, "lr_aux": d["lr_aux"],
+            "inv_abs_weight": d["inv_abs_weight"]}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -36,19 +37,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--models", nargs="+", default=list(MODEL_DEFAULTS))
     parser.add_argument("--out", default="benchmarks/results/digits_reproduction.json")
     parser.add_argument("--runs", default="runs/reproduce")
     args = parser.parse_args()
 
     rows, results = [], {}
     for model in args.models:
-        s = SETTINGS[model]
+        s = settings(model)
         reports = []
         for seed in args.seeds:
-            cfg = AutoPruneConfig(penalty=s["penalty"], lr_aux=s["lr_aux"], lr_weight=1e-3, batch_size=64, seed=seed)
+            cfg = AutoPruneConfig(**s, lr_weight=1e-3, batch_size=64, seed=seed)
             job = PruneJob(model=model, data="digits", out=f"{args.runs}/{model}-s{seed}", seed=seed,
-                           prune_steps=s["prune_steps"], baseline=True, progress=False, autoprune=cfg)
+                           baseline=True, progress=False, autoprune=cfg)
             reports.append(run(job, log=lambda *a: None))
             r = reports[-1]
             print(f"{model} seed {seed}: dense {r['dense_accuracy']:.4f} autoprune {r['pruned_accuracy']:.4f} "
