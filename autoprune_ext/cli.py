@@ -19,7 +19,7 @@ from .potential_cli import add_potential_parser
 # per-model AutoPrune defaults, tuned on digits (README: reproduction table); other models get the
 # authors' LeNet-5 lambdas
 MODEL_DEFAULTS: dict[str, dict[str, float | bool]] = {
-    "lenet300": {"lambda_fc": 40.0, "lambda_conv": 20.0, "lr_aux": 0.1, "inv_abs_weight": False},
+    "lenet300": {"lambda_fc": 10.0, "lambda_conv": 1.0, "lr_aux": 0.1, "inv_abs_weight": True},
     "lenet5": {"lambda_fc": 4.0, "lambda_conv": 0.2, "lr_aux": 0.05, "inv_abs_weight": True},
 }
 GENERIC_DEFAULTS: dict[str, float | bool] = {"lambda_fc": 0.4, "lambda_conv": 0.2, "lr_aux": 0.1, "inv_abs_weight": False}
@@ -86,14 +86,14 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-aux", type=nonneg_float, default=None,
                    help="lr of the masks M, Adam (default per model: lenet300 0.1, lenet5 0.05, others 0.1)")
     p.add_argument("--lambda-fc", type=nonneg_float, default=None,
-                   help="penalty lambda of linear layers (default per model: lenet300 40, lenet5 4, others 0.4)")
+                   help="penalty lambda of linear layers (default per model: lenet300 10, lenet5 4, others 0.4)")
     p.add_argument("--lambda-conv", type=nonneg_float, default=None,
-                   help="penalty lambda of conv layers (default per model: lenet300 20, lenet5 0.2, others 0.2)")
+                   help="penalty lambda of conv layers (default per model: lenet300 1, lenet5 0.2, others 0.2)")
     p.add_argument("--rho", type=nonneg_float, default=1e-3, help="recovery weight rho (default 1e-3)")
     p.add_argument("--target-density", type=fraction, default=None,
                    help="adapt lambda to reach this kept fraction instead of a fixed lambda")
     p.add_argument("--inv-abs-weight", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale the penalty gradient by 1/|w| (default per model: on for lenet5, off otherwise)")
+                   help="scale the penalty gradient by 1/|w| (default per model: on for lenet300 and lenet5, off otherwise)")
     p.add_argument("--granularity", choices=GRANULARITIES, default="weight", help="mask per weight or per unit")
     p.add_argument("--surrogate", choices=SURROGATES, default="softplus", help="surrogate of dh/dm (default softplus)")
     p.add_argument("--rule", choices=RULES, default="sign", help="coarse-gradient rule (default sign)")
