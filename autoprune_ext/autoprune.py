@@ -234,7 +234,8 @@ class AutoPrune:
             self.load(checkpoint)
         train_stream = BatchStream(train, self.config.batch_size, self.config.seed)
         held_stream = BatchStream(heldout, self.config.batch_size, self.config.seed + 1) if heldout is not None else None
-        bar = tqdm(total=steps, initial=self.step_count, desc="autoprune", disable=not progress, leave=False)
+        # disable=None: bars only on a terminal, so logs and CI output stay readable
+        bar = tqdm(total=steps, initial=self.step_count, desc="autoprune", disable=None if progress else True, leave=False)
         while self.step_count < steps:
             i = self.step_count
             record = self.step(train_stream.batch(i), held_stream.batch(i) if held_stream else None)

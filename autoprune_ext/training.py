@@ -129,7 +129,7 @@ def train_supervised(
     device = model_device(model)
     model.train()
     losses = []
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc=desc, disable=None if progress else True, leave=False):
         x, y = _to(stream.batch(step), device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)

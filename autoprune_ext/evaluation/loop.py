@@ -198,7 +198,7 @@ def prune_retrain(
     base = prepare(parent, granularity)
     current = base
     records: list[dict[str, Any]] = []
-    bar = tqdm(ratios, desc=desc or f"{getattr(pruner, 'name', 'prune')} ({mode})", disable=not progress,
+    bar = tqdm(ratios, desc=desc or f"{getattr(pruner, 'name', 'prune')} ({mode})", disable=None if progress else True,
                leave=False)
     for cycle, keep in enumerate(bar):
         model = copy.deepcopy(base) if mode == "one-shot" else current

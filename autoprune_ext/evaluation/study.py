@@ -240,7 +240,7 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, *, progress: bool
     parents: dict[str, dict[str, Any]] = {}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     total = len(cfg.seeds) * len(cfg.methods)
-    bar = tqdm(total=total, desc="study", disable=not progress)
+    bar = tqdm(total=total, desc="study", disable=None if progress else True)
     for seed in cfg.seeds:
         sched = RetrainConfig(steps=cfg.dense_steps, lr=cfg.lr, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
                               seed=int(seed))
