@@ -347,7 +347,7 @@ def write_results(sizes: list[str], path: str | os.PathLike | None = None, *, th
         "extension": _build.origin(),
         "method": "median wall time of >= 3 calls (>= 1 s per case) after 2 warm-up calls; torch.compile "
                   "(inductor) compiled during warm-up; every impl allocates its outputs like the op does",
-        "note": "2 logical CPUs shared with other concurrently running jobs: timings are noisy (expect +-30%). "
+        "note": "2 logical CPUs: timings are noisy when other jobs share them. "
                 "Fresh outputs > 32 MiB are mmap-ed pages faulted in on first touch; the cpp ops request "
                 "transparent huge pages for their outputs (AUTOPRUNE_CPU_HUGEPAGES=0 disables), eager and "
                 "compiled do not unless THP_MEM_ALLOC_ENABLE=1, hence the second configuration.",
