@@ -224,12 +224,8 @@ void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::Ten
                              const c10::List<std::optional<at::Tensor>>& weights, c10::SymIntArrayRef steps,
                              at::ArrayRef<double> penalty_scales, double lr, double beta1, double beta2, double eps,
                              double rho, c10::string_view surrogate, double alpha) {
-  const size_t n = aux.size();
-  TORCH_CHECK_VALUE(exp_avg.size() == n && exp_avg_sq.size() == n && grads.size() == n && weights.size() == n &&
-                        steps.size() == n && penalty_scales.size() == n,
-                    "aux_adam_step_multi_: expected exp_avg, exp_avg_sq, grads, weights, steps and penalty_scales "
-                    "to have one entry per aux tensor (",
-                    n, ")");
+  const size_t n = check_multi_lengths(aux.size(), exp_avg.size(), exp_avg_sq.size(), grads.size(), weights.size(),
+                                       steps.size(), penalty_scales.size());
   const int sur = surrogate_code(surrogate);
   check_alpha(alpha);
   std::vector<AdamTensors> sets;

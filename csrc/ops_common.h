@@ -77,6 +77,16 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
                     t.sizes());
 }
 
+// aux_adam_step_multi_: every list has one entry per aux tensor; returns that count
+inline size_t check_multi_lengths(size_t n, size_t exp_avg, size_t exp_avg_sq, size_t grads, size_t weights,
+                                  size_t steps, size_t penalty_scales) {
+  TORCH_CHECK_VALUE(exp_avg == n && exp_avg_sq == n && grads == n && weights == n && steps == n && penalty_scales == n,
+                    "aux_adam_step_multi_: expected exp_avg, exp_avg_sq, grads, weights, steps and penalty_scales "
+                    "to have one entry per aux tensor (",
+                    n, ")");
+  return n;
+}
+
 inline void check_adam_scalars(int64_t step, double lr, double beta1, double beta2, double eps) {
   TORCH_CHECK_VALUE(step >= 1, "step: expected an integer >= 1, got ", step);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
