@@ -86,6 +86,7 @@ def _extension_setup() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": b.cxx_flags(), "nvcc": b.nvcc_flags()} if with_cuda else {"cxx": b.cxx_flags()},
+        extra_link_args=b.ld_flags(),
     )
     ext = CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)
 

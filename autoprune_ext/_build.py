@@ -84,11 +84,29 @@ def source_dir() -> Path | None:
     return None
 
 
+def openmp_flags() -> list[str]:
+    """Compiler and linker flags that make ``at::parallel_for`` parallel in our code.
+
+    ATen's OpenMP ``parallel_for`` is a header template around ``#pragma omp parallel``: compiled
+    without ``-fopenmp`` it silently runs every kernel on one thread. With it, our library links
+    ``libgomp.so.1``, which resolves to the copy torch has already loaded (one thread pool).
+    """
+    if sys.platform == "win32":
+        return ["/openmp"] if torch.backends.openmp.is_available() else []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []  # e.g. macOS wheels use ATen's native thread pool: parallel without OpenMP
+
+
 def cxx_flags() -> list[str]:
     if sys.platform == "win32":
-        return ["/O2", "/std:c++17"]
+        return ["/O2", "/std:c++17", *openmp_flags()]
     # -fno-math-errno lets sqrt vectorise; no -ffast-math: results must follow IEEE like the reference
-    return ["-O3", "-fno-math-errno"]
+    return ["-O3", "-fno-math-errno", "-fno-trapping-math", *openmp_flags()]
+
+
+def ld_flags() -> list[str]:
+    return [] if sys.platform == "win32" else openmp_flags()
 
 
 def nvcc_flags() -> list[str]:
@@ -140,7 +158,7 @@ def _build_key(src: Path, with_cuda: bool) -> str:
         h.update(p.read_bytes())
     parts = [
         torch.__version__, str(torch.version.cuda), sys.version, platform.machine(), str(with_cuda),
-        " ".join(cxx_flags()), " ".join(nvcc_flags()) if with_cuda else "",
+        " ".join(cxx_flags()), " ".join(ld_flags()), " ".join(nvcc_flags()) if with_cuda else "",
         os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else "", os.environ.get("CXX", ""),
     ]
     h.update("\0".join(parts).encode())
@@ -319,6 +337,7 @@ def _compile(with_cuda: bool, src: Path) -> None:
         name=_variant_name(with_cuda),
         sources=sources,
         extra_cflags=cxx_flags(),
+        extra_ldflags=ld_flags(),
         extra_include_paths=[str(src)],
         build_directory=str(directory),
         is_python_module=False,

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -364,6 +365,15 @@ std::string set_cpu_isa(c10::string_view name) {
   return cpu_isa();
 }
 
+// How many threads at::parallel_for uses for `numel` elements with the kernels' grain: compiled
+// without OpenMP it silently runs on one thread, which only a test of this can catch.
+int64_t parallel_threads(int64_t numel) {
+  TORCH_CHECK_VALUE(numel >= 0, "parallel_threads: numel must be >= 0, got ", numel);
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, numel, kGrain, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
+
 }  // namespace
 }  // namespace autoprune
 
@@ -390,6 +400,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);
   m.def("cpu_isas() -> str[]", &autoprune::cpu_isas);
   m.def("set_cpu_isa(str isa) -> str", &autoprune::set_cpu_isa);
+  m.def("parallel_threads(int numel) -> int", &autoprune::parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {

@@ -490,6 +490,32 @@ def test_every_cpu_isa_variant_agrees(ext):
         ext.set_cpu_isa("sse9")
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here")
+def test_kernels_run_on_all_torch_threads(ext):
+    """at::parallel_for in the extension splits work over torch's threads (it ran on one thread when the
+    extension was compiled without OpenMP: ATen's parallel_for is an inline `#pragma omp parallel`)."""
+    threads = torch.get_num_threads()
+    assert ext.parallel_threads(1 << 22) == min(threads, (1 << 22) // 32768)
+    assert ext.parallel_threads(1000) == 1  # below the grain: no fork
+    assert ext.parallel_threads(0) == 0
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ext.parallel_threads(1 << 22) == 1
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="numel"):
+        ext.parallel_threads(-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process(ext):
+    """The extension's libgomp.so.1 resolves to the copy torch loaded: one OpenMP thread pool."""
+    libs = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if "libgomp" in line or "libiomp" in line}
+    assert len(libs) <= 1, libs
+
+
 # ------------------------------------------------------------------------------------------------
 # argument checks and opcheck of the autoprune_cpp ops
 # ------------------------------------------------------------------------------------------------

@@ -91,31 +91,21 @@ AP_INLINE float exp_nonpos(float x) {
   return (y * s1) * s2;
 }
 
-// log1p(y) for y in [0, 1] (NaN propagates): Cephes logf on u = 1 + y, corrected by y / (u - 1)
-// for the rounding of u (Goldberg's trick), so tiny y keep full relative precision.
+// log1p(y) for y in [0, 1] (NaN propagates), as 2 atanh(s) with s = y / (2 + y) <= 1/3:
+// t = 2s = 2y / (2 + y) needs no range reduction and keeps full relative precision for tiny and
+// denormal y; the series t (1 + z/3 + z^2/5 + ... + z^6/13), z = s^2 <= 1/9, truncates below 1e-8
+// relative. Measured over [2^-149, 1]: at most 3 * 2^-24 relative error, one division, no branch.
 AP_INLINE float log1p_unit(float y) {
-  const float u = 1.0f + y;
-  const bool big = u > 1.41421356237f;
-  const float x = big ? u * 0.5f : u;
-  const float k = big ? 1.0f : 0.0f;
-  const float f = x - 1.0f;
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  float l = p * f * z;
-  l += k * -2.12194440e-4f;
-  l -= 0.5f * z;
-  l = f + l;
-  l += k * 0.693359375f;
-  const float d = u - 1.0f;
-  return d == 0.0f ? y : l * (y / d);
+  const float t = (y + y) / (2.0f + y);
+  const float h = 0.5f * t;
+  const float z = h * h;
+  float p = 1.0f / 13.0f;
+  p = p * z + 1.0f / 11.0f;
+  p = p * z + 1.0f / 9.0f;
+  p = p * z + 1.0f / 7.0f;
+  p = p * z + 1.0f / 5.0f;
+  p = p * z + 1.0f / 3.0f;
+  return t + t * (z * p);
 }
 
 // F.softplus (beta 1, threshold 20): x above 20, else log1p(exp(x)) = max(x, 0) + log1p(exp(-|x|))
@@ -346,7 +336,10 @@ static void apply_mask_weight(const ApplyMaskArgs& a, int64_t begin, int64_t end
     const CM* m = load_block<CM>(a.aux, a.aux_dt, off, n, buf);
     const U* wp = w + off;
     U* op = out + off;
-    for (int64_t i = 0; i < n; ++i) op[i] = m[i] >= CM(0) ? wp[i] : U(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const U v = wp[i];  // loaded unconditionally: a blend, not a masked (fault-suppressing) load
+      op[i] = m[i] >= CM(0) ? v : U(0);
+    }
   }
 }
 
