@@ -18,7 +18,7 @@ elements. Metrics: median ms, GB/s of the bytes that must move, and for ``cpp`` 
 * GPU cases (``cuda`` = the cpp backend's CUDA kernels, ``triton``, ``eager``; 16M and 64M) are skipped
   without a GPU -- no GPU number is ever produced on CPU.
 
-``python benchmarks/bench_cpp.py [--sizes 1M,16M] [--no-thp-run]`` measures the CPU matrix directly and
+``python benchmarks/bench_cpp.py [--sizes 1M,16M,64M] [--no-thp-run]`` measures the CPU matrix directly and
 writes ``benchmarks/results/cpu_<host>.json`` (device, torch, date, numbers, the issue's targets): see
 :func:`write_results`. Fresh output buffers of tens of MiB are new pages the kernel must fault in; by
 default a second run with ``THP_MEM_ALLOC_ENABLE=1`` (torch's switch for transparent huge pages on
@@ -286,30 +286,105 @@ def cpu_description() -> dict:
     }
 
 
-def measure_cpu(sizes: list[str], *, min_s: float = 1.0) -> list[dict]:
-    """Every CPU case at ``sizes``: ms, GB/s, and for cpp the speed-ups."""
+def time_interleaved(fns: dict[str, Callable[[], object]], *, min_s: float = 1.0, min_reps: int = 5,
+                     max_reps: int = 15) -> dict[str, float]:
+    """Median ms of each callable, timed in interleaved rounds (the order rotates every round).
+
+    On a small VM the cost of faulting in fresh pages depends on what ran just before (the kernel
+    compacts memory for huge pages after a burst of small ones), so timing one implementation after
+    the other biases whichever runs second; interleaving spreads that noise over all of them.
+    """
+    names = list(fns)
+    for name in names:  # warm-up (compiles torch.compile's code)
+        fns[name]()
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    r = 0
+    while True:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+        if r >= max_reps or (r >= min_reps and time.perf_counter() - start >= min_s * len(names)):
+            break
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory one call adds on top of its inputs (Linux: VmHWM after resetting it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark to the current RSS
+    except OSError:
+        return None
+    before = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    if before is None or peak is None:
+        return None
+    return round(max(peak - before, 0) / 1024, 1)
+
+
+def copy_gbps(n: int) -> float:
+    """Measured copy bandwidth (GB/s): ``out.copy_(x)`` of n float32s into a buffer touched before.
+
+    8n bytes (read + write) with no page faults: the memory system's limit, which ops that allocate
+    a fresh output (all of them, and eager / compiled alike) cannot fully reach.
+    """
+    x, out = torch.randn(n), torch.empty(n)
+    out.zero_()
+    ms = time_interleaved({"copy": lambda: out.copy_(x)}, min_s=0.5, max_reps=25)["copy"]
+    return round(8 * n / ms / 1e6, 2)
+
+
+# below this, outputs come from heap memory already resident and the RSS high-water mark misses them
+PEAK_MIN_NUMEL = SIZES["16M"]
+
+
+def measure_cpu(sizes: list[str], *, min_s: float = 1.0, cheap_compile: bool = False) -> list[dict]:
+    """Every CPU case at ``sizes``: ms, GB/s, fraction of copy bandwidth, peak memory, speed-ups of cpp."""
     ok, why = ext_ready()
     if not ok:
         raise RuntimeError(f"C++ extension unavailable: {why}")
     rows = []
     for size in sizes:
         n = SIZES[size]
+        copy = copy_gbps(n)
         for op in OPS:
             for dname, dtype in DTYPES.items():
                 x = make_inputs(op, n, dtype, "cpu")
                 nbytes = bytes_moved(op, n, dtype)
-                ms = {impl: time_ms(make_fn(op, impl, x), min_s=min_s, max_reps=15) for impl in CPU_IMPLS}
-                row = {"op": op, "dtype": dname, "size": size, "numel": n, "bytes": nbytes}
+                fns = {impl: make_fn(op, impl, x, cheap_compile=cheap_compile) for impl in CPU_IMPLS}
+                ms = time_interleaved(fns, min_s=min_s)
+                row = {"op": op, "dtype": dname, "size": size, "numel": n, "bytes": nbytes, "copy_GB/s": copy}
                 for impl in CPU_IMPLS:
-                    row[impl] = {"ms": round(ms[impl], 3), "GB/s": round(nbytes / ms[impl] / 1e6, 2)}
+                    gbps = nbytes / ms[impl] / 1e6
+                    row[impl] = {"ms": round(ms[impl], 4), "GB/s": round(gbps, 2),
+                                 "fraction_of_copy": round(gbps / copy, 3),
+                                 "peak_extra_MiB": peak_extra_mib(fns[impl]) if n >= PEAK_MIN_NUMEL else None}
                 row["speedup_vs_eager"] = round(ms["eager"] / ms["cpp"], 2)
                 row["speedup_vs_compiled"] = round(ms["compiled"] / ms["cpp"], 2)
                 rows.append(row)
-                print(f"{op:15s} {dname} {size:>4s}: cpp {ms['cpp']:8.2f} ms ({row['cpp']['GB/s']:5.1f} GB/s)  "
-                      f"eager {ms['eager']:8.2f}  compiled {ms['compiled']:8.2f}  "
-                      f"x{row['speedup_vs_eager']:.1f} vs eager, x{row['speedup_vs_compiled']:.2f} vs compiled",
-                      flush=True)
-                del x
+                print(f"{op:15s} {dname} {size:>4s}: cpp {ms['cpp']:8.2f} ms ({row['cpp']['GB/s']:5.1f} GB/s, "
+                      f"{row['cpp']['fraction_of_copy']:.0%} of copy)  eager {ms['eager']:8.2f}  "
+                      f"compiled {ms['compiled']:8.2f}  x{row['speedup_vs_eager']:.1f} vs eager, "
+                      f"x{row['speedup_vs_compiled']:.2f} vs compiled; peak MiB cpp/eager/compiled "
+                      f"{row['cpp']['peak_extra_MiB']}/{row['eager']['peak_extra_MiB']}/"
+                      f"{row['compiled']['peak_extra_MiB']}", flush=True)
+                del x, fns
     return rows
 
 
@@ -326,10 +401,11 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
-def write_results(sizes: list[str], path: str | os.PathLike | None = None, *, thp_run: bool = True) -> Path:
+def write_results(sizes: list[str], path: str | os.PathLike | None = None, *, thp_run: bool = True,
+                  min_s: float = 1.0, cheap_compile: bool = False) -> Path:
     host = re.sub(r"[^a-zA-Z0-9]+", "_", platform.node() or "host").strip("_").lower() or "host"
     path = Path(path) if path is not None else RESULTS_DIR / f"cpu_{host}.json"
-    rows = measure_cpu(sizes)
+    rows = measure_cpu(sizes, min_s=min_s, cheap_compile=cheap_compile)
     configs = {"default": {"rows": rows, "targets_16M": targets(rows)}}
     if thp_run and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         tmp = path.with_suffix(".thp.json")
@@ -345,8 +421,12 @@ def write_results(sizes: list[str], path: str | os.PathLike | None = None, *, th
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extension": _build.origin(),
-        "method": "median wall time of >= 3 calls (>= 1 s per case) after 2 warm-up calls; torch.compile "
-                  "(inductor) compiled during warm-up; every impl allocates its outputs like the op does",
+        "method": "median wall time over 5-15 interleaved rounds (order rotated each round, >= 1 s per impl "
+                  "and case) after 2 warm-up calls; torch.compile (inductor) compiled during warm-up; every impl "
+                  "allocates its outputs like the op does. copy_GB/s: out.copy_(x) of n float32s into a buffer "
+                  "already touched (8n bytes; no page faults, so an op with a fresh output stays below it). "
+                  "peak_extra_MiB: VmHWM - VmRSS around one call (Linux), i.e. outputs and temporaries; "
+                  "only from 16M elements up (smaller buffers reuse resident heap memory).",
         "note": "2 logical CPUs: timings are noisy when other jobs share them. "
                 "Fresh outputs > 32 MiB are mmap-ed pages faulted in on first touch; the cpp ops request "
                 "transparent huge pages for their outputs (AUTOPRUNE_CPU_HUGEPAGES=0 disables), eager and "
@@ -360,9 +440,34 @@ def write_results(sizes: list[str], path: str | os.PathLike | None = None, *, th
     return path
 
 
+def test_results_file(tmp_path):
+    """The results writer end to end at the smoke size: every row, impl and target field is there."""
+    ok, why = ext_ready()
+    if not ok:
+        pytest.skip(f"C++ extension unavailable: {why}")
+    path = write_results(["smoke"], tmp_path / "cpu.json", thp_run=False, min_s=0.0, cheap_compile=True)
+    data = json.loads(path.read_text())
+    rows = data["configs"]["default"]["rows"]
+    assert [(r["op"], r["dtype"]) for r in rows] == [(op, d) for op in OPS for d in DTYPES]
+    for r in rows:
+        assert r["copy_GB/s"] > 0
+        for impl in CPU_IMPLS:
+            assert r[impl]["ms"] > 0 and r[impl]["GB/s"] > 0 and r[impl]["peak_extra_MiB"] is None
+        assert r["speedup_vs_eager"] == pytest.approx(r["eager"]["ms"] / r["cpp"]["ms"], rel=0.05, abs=0.01)
+    assert data["device"]["logical_cpus"] == os.cpu_count() and data["torch"] == torch.__version__
+
+
+def test_time_interleaved_rotates_and_counts():
+    calls: list[str] = []
+    med = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, min_s=0.0,
+                           min_reps=3, max_reps=3)
+    assert set(med) == {"a", "b"} and all(v >= 0 for v in med.values())
+    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up, then rotated rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1M,16M", help="comma-separated among smoke,1M,16M,64M")
+    p.add_argument("--sizes", default="1M,16M,64M", help="comma-separated among smoke,1M,16M,64M")
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/cpu_<host>.json)")
     p.add_argument("--no-thp-run", action="store_true", help="skip the second run with THP_MEM_ALLOC_ENABLE=1")
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
