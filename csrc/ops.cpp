@@ -70,11 +70,7 @@ at::Tensor new_output(const at::Tensor& like) {
 // ------------------------------------------------------------------------------------------------
 at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
                           c10::string_view rule, double alpha) {
-  surrogate_code(surrogate);
-  rule_code(rule);
-  check_alpha(alpha);
-  check_device(weight, "weight", c10::DeviceType::CPU);
-  const bool unit = check_mask_pair(weight, aux);
+  const bool unit = check_mask_call(nullptr, weight, aux, surrogate, rule, alpha, c10::DeviceType::CPU).unit;
   at::Tensor out = new_output(weight);
   const int64_t numel = weight.numel();
   if (numel == 0) return out;
@@ -97,12 +93,7 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
                                                      const at::Tensor& aux, c10::string_view surrogate,
                                                      c10::string_view rule, double alpha, bool need_weight_grad,
                                                      bool need_aux_grad) {
-  const int sur = surrogate_code(surrogate);
-  const int rul = rule_code(rule);
-  check_alpha(alpha);
-  check_device(weight, "weight", c10::DeviceType::CPU);
-  const bool unit = check_mask_pair(weight, aux);
-  check_like(grad, "grad", weight, "weight");
+  const MaskCall c = check_mask_call(&grad, weight, aux, surrogate, rule, alpha, c10::DeviceType::CPU);
   at::Tensor dW = need_weight_grad ? new_output(weight) : empty0(weight);
   at::Tensor dM = need_aux_grad ? new_output(aux) : empty0(aux);
   if (!need_weight_grad && !need_aux_grad) return {dW, dM};
@@ -121,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
   args.dW = need_weight_grad ? dW.mutable_data_ptr() : nullptr;
   args.dM = need_aux_grad ? dM.mutable_data_ptr() : nullptr;
   args.numel = numel;
-  args.surrogate = sur;
-  args.rule = rul;
+  args.surrogate = c.surrogate;
+  args.rule = c.rule;
   args.alpha = alpha;
   args.f64 = is_f64(grad) || is_f64(weight) || is_f64(aux);
   const auto& k = kernel_table();
-  if (!unit) {
+  if (!c.unit) {
     if (numel > 0)
       at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
     return {dW, dM};
@@ -152,42 +143,28 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
 }
 
 struct AdamTensors {
-  InPlace aux, exp_avg, exp_avg_sq;
-  at::Tensor grad, weight;  // contiguous or undefined
+  AdamSet set;
   cpu::AdamArgs args{};
 };
 
 // checks one tensor set and prepares its kernel arguments (scalars of one step)
-void prepare_adam(AdamTensors& t, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
-                  int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
-                  int surrogate, double alpha, const char* suffix) {
-  const std::string s(suffix);
-  const at::Tensor& aux = t.aux.target;
-  dtype_code(aux, ("aux" + s).c_str());
-  check_like(t.exp_avg.target, ("exp_avg" + s).c_str(), aux, ("aux" + s).c_str());
-  check_like(t.exp_avg_sq.target, ("exp_avg_sq" + s).c_str(), aux, ("aux" + s).c_str());
-  const bool has_grad = grad.has_value() && grad->defined();
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_grad) {
-    check_like(*grad, ("grad" + s).c_str(), aux, ("aux" + s).c_str());
-    t.grad = grad->contiguous();
-  }
-  if (has_weight) {
-    check_like(*weight, ("weight" + s).c_str(), aux, ("aux" + s).c_str());
-    t.weight = weight->contiguous();
-  }
-  check_adam_scalars(step, lr, beta1, beta2, eps);
+AdamTensors prepare_adam(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                         const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight, int64_t step,
+                         double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
+                         int surrogate, double alpha, const std::string& suffix) {
+  AdamTensors t{checked_adam_set(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, suffix), {}};
+  const AdamSet& s = t.set;
   cpu::AdamArgs& a = t.args;
-  a.aux = t.aux.work.mutable_data_ptr();
+  a.aux = s.aux.work.mutable_data_ptr();
   a.aux_dt = dtype_code(aux, "aux");
-  a.exp_avg = t.exp_avg.work.mutable_data_ptr();
-  a.exp_avg_dt = dtype_code(t.exp_avg.work, "exp_avg");
-  a.exp_avg_sq = t.exp_avg_sq.work.mutable_data_ptr();
-  a.exp_avg_sq_dt = dtype_code(t.exp_avg_sq.work, "exp_avg_sq");
-  a.grad = has_grad ? t.grad.const_data_ptr() : nullptr;
-  a.grad_dt = has_grad ? dtype_code(t.grad, "grad") : AP_F32;
-  a.weight = has_weight ? t.weight.const_data_ptr() : nullptr;
-  a.weight_dt = has_weight ? dtype_code(t.weight, "weight") : AP_F32;
+  a.exp_avg = s.exp_avg.work.mutable_data_ptr();
+  a.exp_avg_dt = dtype_code(s.exp_avg.work, "exp_avg");
+  a.exp_avg_sq = s.exp_avg_sq.work.mutable_data_ptr();
+  a.exp_avg_sq_dt = dtype_code(s.exp_avg_sq.work, "exp_avg_sq");
+  a.grad = s.grad.defined() ? s.grad.const_data_ptr() : nullptr;
+  a.grad_dt = s.grad.defined() ? dtype_code(s.grad, "grad") : AP_F32;
+  a.weight = s.weight.defined() ? s.weight.const_data_ptr() : nullptr;
+  a.weight_dt = s.weight.defined() ? dtype_code(s.weight, "weight") : AP_F32;
   a.numel = aux.numel();
   a.penalty_scale = penalty_scale;
   a.rho = rho;
@@ -197,8 +174,8 @@ void prepare_adam(AdamTensors& t, const std::optional<at::Tensor>& grad, const s
   adam_bias(step, lr, beta1, beta2, &a.step_size, &a.bias2_sqrt);
   a.surrogate = surrogate;
   a.alpha = alpha;
-  // reference.compute_dtype(aux, exp_avg, grad, weight)
-  a.f64 = is_f64(aux) || is_f64(t.exp_avg.target) || is_f64(grad) || is_f64(weight);
+  a.f64 = s.f64;
+  return t;
 }
 
 void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
@@ -208,16 +185,13 @@ void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const a
   const int sur = surrogate_code(surrogate);
   check_alpha(alpha);
   check_device(aux, "aux", c10::DeviceType::CPU);
-  AdamTensors t{InPlace(aux), InPlace(exp_avg), InPlace(exp_avg_sq), {}, {}};
-  prepare_adam(t, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scale, rho, sur,
-               alpha, "");
+  AdamTensors t = prepare_adam(aux, exp_avg, exp_avg_sq, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1,
+                               beta2, eps, penalty_scale, rho, sur, alpha, "");
   if (t.args.numel > 0) {
     const auto& k = kernel_table();
     at::parallel_for(0, t.args.numel, kGrain, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
   }
-  t.aux.finish();
-  t.exp_avg.finish();
-  t.exp_avg_sq.finish();
+  finish(t.set);
 }
 
 void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::TensorList exp_avg_sq,
@@ -239,9 +213,9 @@ void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::Ten
   for (size_t i = 0; i < n; ++i) {
     const std::string suffix = "[" + std::to_string(i) + "]";
     check_device(aux[i], ("aux" + suffix).c_str(), c10::DeviceType::CPU);
-    sets.push_back(AdamTensors{InPlace(aux[i]), InPlace(exp_avg[i]), InPlace(exp_avg_sq[i]), {}, {}});
-    prepare_adam(sets.back(), grads.get(i), weights.get(i), steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2,
-                 eps, penalty_scales[i], rho, sur, alpha, suffix.c_str());
+    sets.push_back(prepare_adam(aux[i], exp_avg[i], exp_avg_sq[i], grads.get(i), weights.get(i),
+                                steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scales[i], rho,
+                                sur, alpha, suffix));
     const int64_t numel = sets.back().args.numel;
     for (int64_t b = 0; b < numel; b += kAdamTask) tasks.push_back({i, b, std::min(numel, b + kAdamTask)});
   }
@@ -252,11 +226,7 @@ void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::Ten
       for (int64_t t = b; t < e; ++t) k.adam(sets[tasks[t].set].args, tasks[t].begin, tasks[t].end);
     });
   }
-  for (auto& s : sets) {
-    s.aux.finish();
-    s.exp_avg.finish();
-    s.exp_avg_sq.finish();
-  }
+  for (auto& s : sets) finish(s.set);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -118,4 +118,59 @@ struct InPlace {
   }
 };
 
+// The checks apply_mask and mask_backward share (grad: nullptr for apply_mask), in the order the
+// reference's errors come: names, alpha, device, shapes. Returns the codes and the granularity.
+struct MaskCall {
+  int surrogate;
+  int rule;
+  bool unit;  // aux has shape [W.shape[0]]
+};
+inline MaskCall check_mask_call(const at::Tensor* grad, const at::Tensor& weight, const at::Tensor& aux,
+                                c10::string_view surrogate, c10::string_view rule, double alpha,
+                                c10::DeviceType device) {
+  MaskCall c{surrogate_code(surrogate), rule_code(rule), false};
+  check_alpha(alpha);
+  check_device(weight, "weight", device);
+  c.unit = check_mask_pair(weight, aux);
+  if (grad != nullptr) check_like(*grad, "grad", weight, "weight");
+  return c;
+}
+
+// One aux_adam_step_ tensor set after its checks: the in-place tensors, grad / weight contiguous
+// (undefined when absent) and whether the reference computes in float64. `suffix` ("" or "[i]")
+// names the entry of a multi-tensor call in error messages.
+struct AdamSet {
+  InPlace aux, exp_avg, exp_avg_sq;
+  at::Tensor grad, weight;
+  bool f64;
+};
+inline AdamSet checked_adam_set(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
+                                int64_t step, double lr, double beta1, double beta2, double eps,
+                                const std::string& suffix) {
+  AdamSet s{InPlace(aux), InPlace(exp_avg), InPlace(exp_avg_sq), {}, {}, false};
+  const std::string an = "aux" + suffix;
+  dtype_code(aux, an.c_str());
+  check_like(exp_avg, ("exp_avg" + suffix).c_str(), aux, an.c_str());
+  check_like(exp_avg_sq, ("exp_avg_sq" + suffix).c_str(), aux, an.c_str());
+  if (grad.has_value() && grad->defined()) {
+    check_like(*grad, ("grad" + suffix).c_str(), aux, an.c_str());
+    s.grad = grad->contiguous();
+  }
+  if (weight.has_value() && weight->defined()) {
+    check_like(*weight, ("weight" + suffix).c_str(), aux, an.c_str());
+    s.weight = weight->contiguous();
+  }
+  check_adam_scalars(step, lr, beta1, beta2, eps);
+  // reference.compute_dtype(aux, exp_avg, grad, weight)
+  s.f64 = is_f64(aux) || is_f64(exp_avg) || is_f64(grad) || is_f64(weight);
+  return s;
+}
+
+inline void finish(AdamSet& s) {
+  s.aux.finish();
+  s.exp_avg.finish();
+  s.exp_avg_sq.finish();
+}
+
 }  // namespace autoprune

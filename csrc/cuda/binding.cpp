@@ -28,11 +28,7 @@ void* current_stream(const at::Tensor& t) {
 
 at::Tensor apply_mask_cuda(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
                            c10::string_view rule, double alpha) {
-  surrogate_code(surrogate);
-  rule_code(rule);
-  check_alpha(alpha);
-  check_device(weight, "weight", c10::DeviceType::CUDA);
-  const bool unit = check_mask_pair(weight, aux);
+  const bool unit = check_mask_call(nullptr, weight, aux, surrogate, rule, alpha, c10::DeviceType::CUDA).unit;
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor out = empty_like_contiguous(weight);
   const int64_t numel = weight.numel();
@@ -50,12 +46,8 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cuda(const at::Tensor& grad, co
                                                       const at::Tensor& aux, c10::string_view surrogate,
                                                       c10::string_view rule, double alpha, bool need_weight_grad,
                                                       bool need_aux_grad) {
-  const int sur = surrogate_code(surrogate);
-  const int rul = rule_code(rule);
-  check_alpha(alpha);
-  check_device(weight, "weight", c10::DeviceType::CUDA);
-  const bool unit = check_mask_pair(weight, aux);
-  check_like(grad, "grad", weight, "weight");
+  const MaskCall c = check_mask_call(&grad, weight, aux, surrogate, rule, alpha, c10::DeviceType::CUDA);
+  const bool unit = c.unit;
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor dW = need_weight_grad ? empty_like_contiguous(weight) : empty0(weight);
   at::Tensor dM = need_aux_grad ? empty_like_contiguous(aux) : empty0(aux);
@@ -77,51 +69,39 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cuda(const at::Tensor& grad, co
                                      a.const_data_ptr(), dtype_code(a, "aux"),
                                      need_weight_grad ? dW.mutable_data_ptr() : nullptr,
                                      need_aux_grad ? dM.mutable_data_ptr() : nullptr,
-                                     numel, rows, row_len, sur, rul, alpha, f64 ? 1 : 0,
+                                     numel, rows, row_len, c.surrogate, c.rule, alpha, f64 ? 1 : 0,
                                      ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, current_stream(weight)),
                "mask_backward");
   return {dW, dM};
 }
 
-struct AdamSet {
-  InPlace aux, exp_avg, exp_avg_sq;
-  at::Tensor grad, weight;
+struct CudaAdamSet {
+  AdamSet set;
   ap_adam_tensor t{};
 };
 
-void prepare(AdamSet& s, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight, int64_t step,
-             double lr, double beta1, double beta2, double eps, double penalty_scale, const std::string& suffix) {
-  const at::Tensor& aux = s.aux.target;
-  const std::string an = "aux" + suffix;
-  dtype_code(aux, an.c_str());
-  check_like(s.exp_avg.target, ("exp_avg" + suffix).c_str(), aux, an.c_str());
-  check_like(s.exp_avg_sq.target, ("exp_avg_sq" + suffix).c_str(), aux, an.c_str());
-  const bool has_grad = grad.has_value() && grad->defined();
-  const bool has_weight = weight.has_value() && weight->defined();
-  if (has_grad) {
-    check_like(*grad, ("grad" + suffix).c_str(), aux, an.c_str());
-    s.grad = grad->contiguous();
-  }
-  if (has_weight) {
-    check_like(*weight, ("weight" + suffix).c_str(), aux, an.c_str());
-    s.weight = weight->contiguous();
-  }
-  check_adam_scalars(step, lr, beta1, beta2, eps);
-  ap_adam_tensor& t = s.t;
+// checks one tensor set and fills its launcher descriptor (scalars of one step)
+CudaAdamSet prepare(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight, int64_t step,
+                    double lr, double beta1, double beta2, double eps, double penalty_scale, const std::string& suffix) {
+  CudaAdamSet c{checked_adam_set(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, suffix), {}};
+  const AdamSet& s = c.set;
+  ap_adam_tensor& t = c.t;
   t.aux = s.aux.work.mutable_data_ptr();
   t.exp_avg = s.exp_avg.work.mutable_data_ptr();
   t.exp_avg_sq = s.exp_avg_sq.work.mutable_data_ptr();
-  t.grad = has_grad ? s.grad.const_data_ptr() : nullptr;
-  t.weight = has_weight ? s.weight.const_data_ptr() : nullptr;
+  t.grad = s.grad.defined() ? s.grad.const_data_ptr() : nullptr;
+  t.weight = s.weight.defined() ? s.weight.const_data_ptr() : nullptr;
   t.numel = aux.numel();
   t.aux_dt = dtype_code(aux, "aux");
   t.exp_avg_dt = dtype_code(s.exp_avg.work, "exp_avg");
   t.exp_avg_sq_dt = dtype_code(s.exp_avg_sq.work, "exp_avg_sq");
-  t.grad_dt = has_grad ? dtype_code(s.grad, "grad") : AP_F32;
-  t.weight_dt = has_weight ? dtype_code(s.weight, "weight") : AP_F32;
-  t.compute_f64 = (is_f64(aux) || is_f64(s.exp_avg.target) || is_f64(grad) || is_f64(weight)) ? 1 : 0;
+  t.grad_dt = s.grad.defined() ? dtype_code(s.grad, "grad") : AP_F32;
+  t.weight_dt = s.weight.defined() ? dtype_code(s.weight, "weight") : AP_F32;
+  t.compute_f64 = s.f64 ? 1 : 0;
   t.penalty_scale = penalty_scale;
   adam_bias(step, lr, beta1, beta2, &t.step_size, &t.bias2_sqrt);
+  return c;
 }
 
 ap_adam_hyper make_hyper(double beta1, double beta2, double eps, double rho, int surrogate, double alpha) {
@@ -143,13 +123,11 @@ void aux_adam_step_cuda(const at::Tensor& aux, const at::Tensor& exp_avg, const 
   check_alpha(alpha);
   check_device(aux, "aux", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(aux.device());
-  AdamSet s{InPlace(aux), InPlace(exp_avg), InPlace(exp_avg_sq), {}, {}};
-  prepare(s, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scale, "");
+  CudaAdamSet s = prepare(aux, exp_avg, exp_avg_sq, grad, weight, step.guard_int(__FILE__, __LINE__), lr, beta1, beta2,
+                          eps, penalty_scale, "");
   const ap_adam_hyper h = make_hyper(beta1, beta2, eps, rho, sur, alpha);
   check_launch(ap_cuda_adam(&s.t, &h, current_stream(aux)), "aux_adam_step_");
-  s.aux.finish();
-  s.exp_avg.finish();
-  s.exp_avg_sq.finish();
+  finish(s.set);
 }
 
 void aux_adam_step_multi_cuda(at::TensorList aux, at::TensorList exp_avg, at::TensorList exp_avg_sq,
@@ -164,14 +142,13 @@ void aux_adam_step_multi_cuda(at::TensorList aux, at::TensorList exp_avg, at::Te
   check_alpha(alpha);
   check_device(aux[0], "aux[0]", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(aux[0].device());
-  std::vector<AdamSet> sets;
+  std::vector<CudaAdamSet> sets;
   sets.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const std::string suffix = "[" + std::to_string(i) + "]";
     check_same_device(aux[i], ("aux" + suffix).c_str(), aux[0], "aux[0]");
-    sets.push_back(AdamSet{InPlace(aux[i]), InPlace(exp_avg[i]), InPlace(exp_avg_sq[i]), {}, {}});
-    prepare(sets.back(), grads.get(i), weights.get(i), steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps,
-            penalty_scales[i], suffix);
+    sets.push_back(prepare(aux[i], exp_avg[i], exp_avg_sq[i], grads.get(i), weights.get(i),
+                           steps[i].guard_int(__FILE__, __LINE__), lr, beta1, beta2, eps, penalty_scales[i], suffix));
   }
   const ap_adam_hyper h = make_hyper(beta1, beta2, eps, rho, sur, alpha);
   // one multi-tensor launch per compute precision (float64 tensors compute in double, as the reference)
@@ -183,11 +160,7 @@ void aux_adam_step_multi_cuda(at::TensorList aux, at::TensorList exp_avg, at::Te
       check_launch(ap_cuda_adam_multi(group.data(), static_cast<int>(group.size()), &h, current_stream(aux[0])),
                    "aux_adam_step_multi_");
   }
-  for (auto& s : sets) {
-    s.aux.finish();
-    s.exp_avg.finish();
-    s.exp_avg_sq.finish();
-  }
+  for (auto& s : sets) finish(s.set);
 }
 
 }  // namespace
