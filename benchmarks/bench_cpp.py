@@ -152,16 +152,7 @@ def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
 
 def time_ms(fn: Callable[[], object], device: str = "cpu", *, min_s: float = 1.0, max_reps: int = 25) -> float:
     """Median wall time of ``fn`` (after two warm-up calls), repeating for at least ``min_s``."""
-    run = synced(fn, device)
-    run()
-    run()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_s and len(times) < max_reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return time_interleaved({"fn": synced(fn, device)}, min_s=min_s, min_reps=3, max_reps=max_reps)["fn"]
 
 
 # --------------------------------------------------------------------------------------------------
