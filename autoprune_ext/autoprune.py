@@ -10,7 +10,9 @@ Usable two ways (``shared/docs/method.md`` section 4):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
 import math
 import os
 import tempfile
@@ -20,13 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from .convert import convert, masked_modules
-from .optim import AuxAdam
-from .training import Batch, BatchStream, LossFn, accuracy, make_optimizer, model_device
+from .optim import PENALTY_MODES, AuxAdam
+from .sparsity import LayerCount, enforce_floor, is_dtensor, layer_counts
+from .training import (
+    Batch,
+    BatchLossFn,
+    BatchStream,
+    ForwardFn,
+    accuracy,
+    default_forward,
+    default_loss,
+    make_optimizer,
+    model_device,
+    move_to,
+)
 
 Callback = Callable[["AutoPrune", dict[str, Any]], None]
 MODES = ("bilevel", "same_batch")
@@ -37,9 +50,20 @@ class AutoPruneConfig:
     """Hyper-parameters of an AutoPrune run (defaults: the authors' LeNet-5 settings, batch 200).
 
     ``penalty`` is ``lambda``: one float for every masked layer, or a mapping with keys ``linear`` /
-    ``conv`` / module-name patterns (see :meth:`AuxAdam.from_model`). ``target_density`` replaces a
-    fixed ``lambda`` by a controller that scales every group's ``lambda`` by
-    ``exp(controller_gain * clip((density - target) / target, -1, 1))`` after each mask step.
+    ``conv`` / module-name patterns (see :meth:`AuxAdam.from_model`); ``penalty_mode`` says how it
+    scales with layer size (``"mean"``, the paper's ``lambda / N``, or the size-independent
+    ``"relative"``; see :class:`AuxAdam`).
+
+    Density control. ``target_density`` replaces a fixed ``lambda`` by a controller that scales every
+    group's ``lambda`` by ``exp(controller_gain * clip((density - target) / target, -1, 1))`` after each
+    mask step, ``density`` taken over the layers without a target of their own.
+    ``layer_target_density`` maps module-name patterns (``fnmatch``) to per-layer targets: each
+    matching layer gets a penalty group and a controller of its own. The floor: no layer keeps fewer
+    than ``min_density`` of its mask entries (at least one); a layer at its floor gets no penalty,
+    and entries are revived (largest ``weight_aux`` first) when it falls below. ``keep_rows`` also
+    keeps one entry in every output row (recommended for classifier heads and transformer
+    projections, where a dead row is a dead feature).
+
     ``mask_init`` is ``(mean, std)`` of the truncated-normal init used when the trainer converts the
     model itself.
     """
@@ -50,6 +74,7 @@ class AutoPruneConfig:
     weight_decay: float = 0.0
     aux_betas: tuple[float, float] = (0.9, 0.999)
     penalty: float | dict[str, float] = field(default_factory=lambda: {"linear": 0.4, "conv": 0.2})
+    penalty_mode: str = "mean"
     rho: float = 1e-3
     inv_abs_weight: bool = False
     surrogate: str = "softplus"
@@ -59,7 +84,10 @@ class AutoPruneConfig:
     mask_init: tuple[float, float] = (0.5, 0.01)
     mode: str = "bilevel"
     target_density: float | None = None
+    layer_target_density: dict[str, float] | None = None
     controller_gain: float = 0.02
+    min_density: float = 1e-3
+    keep_rows: bool = False
     freeze_bn: bool = False
     batch_size: int = 200
     seed: int = 0
@@ -67,8 +95,21 @@ class AutoPruneConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if self.penalty_mode not in PENALTY_MODES:
+            raise ValueError(f"penalty_mode: expected one of {PENALTY_MODES}, got {self.penalty_mode!r}")
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             raise ValueError(f"target_density: expected a fraction in (0, 1], got {self.target_density}")
+        if self.layer_target_density is not None:
+            if not isinstance(self.layer_target_density, Mapping):
+                raise TypeError("layer_target_density: expected a mapping of module-name pattern -> density")
+            for key, value in self.layer_target_density.items():
+                if not (isinstance(key, str) and isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                    raise ValueError(
+                        f"layer_target_density: expected pattern -> fraction in (0, 1], got {key!r}: {value!r}"
+                    )
+            self.layer_target_density = dict(self.layer_target_density)
+        if not (isinstance(self.min_density, (int, float)) and 0.0 <= self.min_density <= 1.0):
+            raise ValueError(f"min_density: expected a fraction in [0, 1], got {self.min_density!r}")
         lams = self.penalty.values() if isinstance(self.penalty, Mapping) else [self.penalty]
         for lam in lams:
             if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -89,17 +130,58 @@ def _norm_and_dropout(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+@torch.no_grad()
+def _all_reduce_mean(tensors: Sequence[Tensor], group: Any = None, bucket_bytes: int = 64 << 20) -> None:
+    """Average ``tensors`` in place over the ranks of ``group``, in flat buckets (one collective per
+    bucket and dtype, not one per tensor)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for same in by_dtype.values():
+        bucket: list[Tensor] = []
+        size = 0
+        for t in [*same, None]:
+            if t is not None and (not bucket or size + t.numel() * t.element_size() <= bucket_bytes):
+                bucket.append(t)
+                size += t.numel() * t.element_size()
+                continue
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = ([t], t.numel() * t.element_size()) if t is not None else ([], 0)
+
+
 class AutoPrune:
     """Alternating bi-level trainer of a masked model.
 
     Args:
-        model: a model; converted with the config's mask options if it has no masked layers yet.
+        model: a model; converted with the config's mask options if it has no masked layers yet. It
+            may be wrapped in ``DistributedDataParallel`` (the trainer then synchronises the gradients
+            of each step itself, so the wrapper needs no ``find_unused_parameters``) or sharded with
+            FSDP2's ``fully_shard`` (gradients are reduced by FSDP; densities are counted over all ranks).
         config: hyper-parameters (keyword overrides of :class:`AutoPruneConfig` also accepted).
         weight_optimizer: any torch optimiser over the non-auxiliary parameters (default: built
             from ``config.weight_optimizer``, ``lr_weight``, ``weight_decay``).
-        loss_fn: task loss ``loss_fn(logits, targets)``.
+        forward_fn: ``forward_fn(model, batch) -> output``; default :func:`~autoprune_ext.training.default_forward`
+            (``model(**batch)`` for mappings, ``model(batch[0])`` for tuples, ``model(batch)`` for tensors).
+        loss_fn: ``loss_fn(output, batch) -> loss``; default :func:`~autoprune_ext.training.default_loss`
+            (the output's ``.loss``, else cross-entropy of the logits against ``batch[1]`` / ``batch["labels"]``).
         callbacks: called as ``callback(trainer, record)`` after every step; ``record`` holds the
-            step's losses, density and lambdas (and accuracy on evaluation steps).
+            step's losses, density and lambdas (and evaluation results on evaluation steps).
+
+    Parameters the user froze (``requires_grad=False`` when the trainer is built) stay frozen: they
+    are left out of both optimisers and never switched on.
     """
 
     def __init__(
@@ -108,34 +190,61 @@ class AutoPrune:
         config: AutoPruneConfig | None = None,
         *,
         weight_optimizer: torch.optim.Optimizer | None = None,
-        loss_fn: LossFn = F.cross_entropy,
+        forward_fn: ForwardFn = default_forward,
+        loss_fn: BatchLossFn = default_loss,
         callbacks: Sequence[Callback] = (),
         **overrides: Any,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         config = config or AutoPruneConfig()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
         cfg = self.config
-        if not any(True for _ in masked_modules(model)):
-            model = convert(model, granularity=cfg.granularity, init=cfg.mask_init, surrogate=cfg.surrogate,
-                            rule=cfg.rule, alpha=cfg.alpha)
-        self.model = model
-        self.aux_params = [m.weight_aux for _, m in masked_modules(model)]
-        aux_ids = {id(p) for p in self.aux_params}
-        self.weight_params = [p for p in model.parameters() if id(p) not in aux_ids]
+        module = model.module if _is_ddp(model) else model
+        if not any(True for _ in masked_modules(module)):
+            if _is_ddp(model):
+                raise ValueError("model: convert it (autoprune_ext.convert) before wrapping it in DistributedDataParallel")
+            module = model = convert(model, granularity=cfg.granularity, init=cfg.mask_init,
+                                     surrogate=cfg.surrogate, rule=cfg.rule, alpha=cfg.alpha)
+        #: the model as given (possibly DDP-wrapped) and the module inside it (names, state dicts)
+        self.model, self.module = model, module
+        layers = list(masked_modules(module))
+        self.layer_names = [name for name, _ in layers]
+        self.aux_params = [m.weight_aux for _, m in layers if m.weight_aux.requires_grad]
+        aux_ids = {id(m.weight_aux) for _, m in layers}
+        self.weight_params = [p for p in module.parameters() if id(p) not in aux_ids and p.requires_grad]
+        self._layer_targets = self._match_layer_targets(cfg.layer_target_density or {})
         self.aux_optimizer = AuxAdam.from_model(
-            model, lr=cfg.lr_aux, betas=cfg.aux_betas, penalty=cfg.penalty, rho=cfg.rho,
-            inv_abs_weight=cfg.inv_abs_weight,
+            module, lr=cfg.lr_aux, betas=cfg.aux_betas, penalty=cfg.penalty, penalty_mode=cfg.penalty_mode,
+            rho=cfg.rho, inv_abs_weight=cfg.inv_abs_weight, per_layer=self._layer_targets,
         )
-        if cfg.target_density is not None:
-            for group in self.aux_optimizer.param_groups:  # the controller needs a positive start
-                group["penalty"] = max(float(group["penalty"]), 1e-3)
+        if cfg.target_density is not None or self._layer_targets:
+            for group in self.aux_optimizer.param_groups:  # a controller needs a positive start
+                if cfg.target_density is not None or group["name"] in self._layer_targets:
+                    group["penalty"] = max(float(group["penalty"]), 1e-3)
+        if not self.aux_params:
+            raise ValueError("model: every weight_aux is frozen (requires_grad=False); there is no mask to train")
+        if weight_optimizer is None and not self.weight_params:
+            raise ValueError("model: has no trainable parameter besides the masks (nothing for the weight steps)")
         self.weight_optimizer = weight_optimizer or make_optimizer(
             cfg.weight_optimizer, self.weight_params, cfg.lr_weight, cfg.weight_decay
         )
-        self.loss_fn = loss_fn
+        self.forward_fn, self.loss_fn = forward_fn, loss_fn
         self.callbacks = list(callbacks)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
+        self._counts: list[LayerCount] | None = None
+
+    def _match_layer_targets(self, targets: Mapping[str, float]) -> dict[str, float]:
+        """Layer name -> target density (first matching pattern wins); every pattern must match."""
+        out: dict[str, float] = {}
+        for pattern, value in targets.items():
+            hits = [n for n in self.layer_names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise ValueError(f"layer_target_density: pattern {pattern!r} matches no masked layer")
+            for name in hits:
+                out.setdefault(name, float(value))
+        return out
 
     # -- single steps ---------------------------------------------------------------------------
     def _train_mode(self, train_aux: bool) -> None:
@@ -148,37 +257,81 @@ class AutoPrune:
             for m in _norm_and_dropout(self.model):
                 m.eval()
 
-    def _forward_backward(self, batch: Batch) -> float:
-        device = model_device(self.model)
-        x, y = batch[0].to(device), batch[1].to(device)
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        return float(loss.detach())
+    def restore_trainable(self) -> None:
+        """Make every parameter the trainer trains (weights and masks) trainable again."""
+        for p in (*self.aux_params, *self.weight_params):
+            p.requires_grad_(True)
+
+    def _forward_backward(self, batch: Batch, params: Sequence[Tensor]) -> float:
+        batch = move_to(batch, model_device(self.module))
+        ddp = _is_ddp(self.model)
+        # Under DDP each step trains only its own parameters, which DDP's reducer would see as unused
+        # ones: the trainer runs forward/backward outside DDP's reducer and averages the gradients itself.
+        with self.model.no_sync() if ddp else contextlib.nullcontext():
+            loss = self.loss_fn(self.forward_fn(self.model, batch), batch)
+            loss.backward()
+        loss = loss.detach().reshape(()).float()
+        if ddp:
+            grads = [p.grad for p in params if p.grad is not None]
+            _all_reduce_mean([*grads, loss.reshape(1)], group=self.model.process_group)
+        elif self._sharded():
+            _all_reduce_mean([loss.reshape(1)])
+        return float(loss)
+
+    def _sharded(self) -> bool:
+        return any(is_dtensor(p) for p in self.aux_params)
 
     def aux_step(self, batch: Batch) -> float:
         """One mask step on ``batch`` with ``W`` frozen (no ``dW`` is computed); returns the loss."""
         self._train_mode(train_aux=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(batch)
+        loss = self._forward_backward(batch, self.aux_params)
         self.aux_optimizer.step()
-        if self.config.target_density is not None:
-            self._control_lambda()
+        self._after_aux_step()
         return loss
 
     def weight_step(self, batch: Batch) -> float:
         """One weight step on ``batch`` with ``M`` frozen (no ``dM`` is computed); returns the loss."""
         self._train_mode(train_aux=False)
         self.weight_optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(batch)
+        loss = self._forward_backward(batch, self.weight_params)
         self.weight_optimizer.step()
         return loss
 
-    def _control_lambda(self) -> None:
-        target = float(self.config.target_density)  # type: ignore[arg-type]
-        error = max(-1.0, min(1.0, (self.density() - target) / target))
-        factor = math.exp(self.config.controller_gain * error)
-        for group in self.aux_optimizer.param_groups:
-            group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
+    def _after_aux_step(self) -> None:
+        """Density controllers and the floor, from one count of every layer's kept entries."""
+        cfg = self.config
+        counts = layer_counts(self.module)
+        by_name = {c.name: c for c in counts}
+        groups = self.aux_optimizer.param_groups
+        if cfg.target_density is not None:
+            rest = [c for c in counts if c.name not in self._layer_targets]
+            if rest:
+                d = sum(c.kept for c in rest) / max(sum(c.total for c in rest), 1)
+                factor = self._factor(d, cfg.target_density)
+                for group in groups:
+                    if group["name"] not in self._layer_targets:
+                        group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
+        for group in groups:
+            if group["name"] in self._layer_targets:
+                c = by_name[group["name"]]
+                factor = self._factor(c.density, self._layer_targets[c.name])
+                group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
+        if cfg.min_density > 0 or cfg.keep_rows:
+            revived = enforce_floor(self.module, cfg.min_density, cfg.keep_rows, counts)
+            at_floor = {c.name for c in counts
+                        if c.kept <= max(1, math.ceil(cfg.min_density * c.module.weight_aux.numel()))
+                        * (c.total // max(c.module.weight_aux.numel(), 1))}
+            aux_name = {id(m.weight_aux): n for n, m in masked_modules(self.module)}
+            for group in groups:  # no penalty on a layer at its floor; back on once it is above it
+                group["layer_scale"] = [0.0 if aux_name.get(id(p)) in at_floor else 1.0 for p in group["params"]]
+            if revived:
+                counts = layer_counts(self.module)
+        self._counts = counts
+
+    def _factor(self, density: float, target: float) -> float:
+        error = max(-1.0, min(1.0, (density - target) / target))
+        return math.exp(self.config.controller_gain * error)
 
     def step(self, train_batch: Batch, heldout_batch: Batch | None = None) -> dict[str, Any]:
         """One iteration: a mask step (on ``heldout_batch`` in ``bilevel`` mode, on ``train_batch``
@@ -191,21 +344,25 @@ class AutoPrune:
             aux_loss = self.aux_step(train_batch)
         weight_loss = self.weight_step(train_batch)
         self.step_count += 1
+        counts = self._counts if self._counts is not None else layer_counts(self.module)
         record = {
             "step": self.step_count,
             "aux_loss": aux_loss,
             "weight_loss": weight_loss,
-            "density": self.density(),
+            "density": sum(c.kept for c in counts) / max(sum(c.total for c in counts), 1),
             "penalty": self.aux_optimizer.penalty_value(),
             "lambda": {g["name"]: float(g["penalty"]) for g in self.aux_optimizer.param_groups},
         }
         return record
 
     def density(self) -> float:
-        """Fraction of kept weights over all masked layers."""
-        kept = sum(m.kept() for _, m in masked_modules(self.model))
-        total = sum(m.weight.numel() for _, m in masked_modules(self.model))
-        return kept / max(total, 1)
+        """Fraction of kept weights over all masked layers (all ranks, under FSDP2)."""
+        counts = layer_counts(self.module)
+        return sum(c.kept for c in counts) / max(sum(c.total for c in counts), 1)
+
+    def layer_densities(self) -> dict[str, float]:
+        """Kept fraction of every masked layer, by qualified name (all ranks, under FSDP2)."""
+        return {c.name: c.density for c in layer_counts(self.module)}
 
     # -- the ready loop -----------------------------------------------------------------------------
     def fit(
@@ -215,6 +372,7 @@ class AutoPrune:
         steps: int = 1000,
         *,
         eval_data: TensorDataset | None = None,
+        eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
         eval_every: int = 100,
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
@@ -222,9 +380,13 @@ class AutoPrune:
     ) -> list[dict[str, Any]]:
         """Run until ``steps`` iterations in total; returns the history (one record per step).
 
-        With ``checkpoint`` set, an existing file there is resumed from, and the state is written
-        (atomically) every ``checkpoint_every`` steps and at the end. Batches are a function of
-        ``(config.seed, step)``, so a resumed run equals an uninterrupted one.
+        ``train``/``heldout`` are map-style datasets whose items are tensors, tuples or dicts (collated
+        with ``default_collate``). Every ``eval_every`` steps (and at the end) ``eval_data`` (a
+        classification ``TensorDataset``) adds ``accuracy`` to the record, and ``eval_fn(model)`` adds
+        the metrics it returns. With ``checkpoint`` set, an existing file there is resumed from, and
+        the state is written (atomically) every ``checkpoint_every`` steps and at the end. Batches are
+        a function of ``(config.seed, step)``, so a resumed run equals an uninterrupted one. Every
+        parameter the trainer trains is trainable again when it returns.
         """
         from tqdm.auto import tqdm
 
@@ -236,19 +398,25 @@ class AutoPrune:
         held_stream = BatchStream(heldout, self.config.batch_size, self.config.seed + 1) if heldout is not None else None
         # disable=None: bars only on a terminal, so logs and CI output stay readable
         bar = tqdm(total=steps, initial=self.step_count, desc="autoprune", disable=None if progress else True, leave=False)
-        while self.step_count < steps:
-            i = self.step_count
-            record = self.step(train_stream.batch(i), held_stream.batch(i) if held_stream else None)
-            if eval_data is not None and (record["step"] % eval_every == 0 or record["step"] == steps):
-                record["accuracy"] = accuracy(self.model, eval_data)
-            self.history.append(record)
-            for cb in self.callbacks:
-                cb(self, record)
-            bar.update(1)
-            bar.set_postfix(density=f"{record['density']:.4f}", loss=f"{record['weight_loss']:.3f}")
-            if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
-                self.save(checkpoint)
-        bar.close()
+        try:
+            while self.step_count < steps:
+                i = self.step_count
+                record = self.step(train_stream.batch(i), held_stream.batch(i) if held_stream else None)
+                if record["step"] % eval_every == 0 or record["step"] == steps:
+                    if eval_data is not None:
+                        record["accuracy"] = accuracy(self.model, eval_data)
+                    if eval_fn is not None:
+                        record.update(eval_fn(self.model))
+                self.history.append(record)
+                for cb in self.callbacks:
+                    cb(self, record)
+                bar.update(1)
+                bar.set_postfix(density=f"{record['density']:.4f}", loss=f"{record['weight_loss']:.3f}")
+                if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
+                    self.save(checkpoint)
+        finally:
+            bar.close()
+            self.restore_trainable()
         if checkpoint is not None:
             self.save(checkpoint)
         return self.history
@@ -257,7 +425,7 @@ class AutoPrune:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs: model, both optimisers (lambdas included), step, history, RNG."""
         state = {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "aux_optimizer": self.aux_optimizer.state_dict(),
             "weight_optimizer": self.weight_optimizer.state_dict(),
             "step": self.step_count,
@@ -270,7 +438,7 @@ class AutoPrune:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.aux_optimizer.load_state_dict(state["aux_optimizer"])
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])
         self.step_count = int(state["step"])

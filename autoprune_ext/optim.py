@@ -13,23 +13,44 @@ from . import _checks
 from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
 from . import reference as ref
 from .convert import masked_modules
+from .sparsity import local, sum_over_shards
 
 Penalty = float | Mapping[str, float]
+
+#: how a group's ``lambda`` becomes the per-entry penalty scale (see :class:`AuxAdam`)
+PENALTY_MODES: tuple[str, ...] = ("mean", "relative")
 
 
 class AuxAdam(torch.optim.Optimizer):
     """Adam over auxiliary tensors ``M`` whose gradient gets the density penalty added in the same pass.
 
     Each parameter group is one *penalty group* ``g`` (``shared/docs/method.md`` section 3): the
-    step adds ``(penalty / N_g) * (s(m) - rho * s(-m))`` to ``dL/dM`` (times ``1/|w|`` with
+    step adds ``scale_g * (s(m) - rho * s(-m))`` to ``dL/dM`` (times ``1/|w|`` with
     ``inv_abs_weight``), then applies Adam with bias correction, in place, through the fused op
     ``torch.ops.autoprune.aux_adam_step_multi_`` (one call per group and device).
+
+    The per-entry scale ``scale_g`` comes from the group's ``lambda`` (``penalty``) by its
+    ``penalty_mode``:
+
+    * ``"mean"`` (the paper): ``lambda / N_g``, ``N_g`` the group's number of mask entries. The
+      penalty is ``lambda`` times the group's density, so its pull on one entry shrinks as the group
+      grows: the same ``lambda`` is a strong push on a 10^5-weight layer and almost nothing on a
+      10^8-weight one, where task gradients per entry are not 1000x smaller.
+    * ``"relative"`` (size-independent): ``lambda * rms(dL/dM)`` over the group at this step (and,
+      with ``inv_abs_weight``, times the group's mean ``|w|``, so ``1/|w|`` is relative too).
+      ``lambda`` is then the penalty's size in units of the task gradient's: ``lambda = 0.1`` pulls
+      every entry down with a tenth of a typical task gradient whatever the layer's size, which is
+      what Adam compares entry by entry. Use it for large models; ``0.05``-``1`` is the useful range.
+
+    A group may also hold ``layer_scale``: one multiplier per parameter (default ``1.0``), which the
+    trainer uses to switch the penalty off for a layer at its density floor.
 
     Args:
         params: auxiliary parameters or parameter groups (dicts with ``params`` and any option below).
             Build them from a model with :meth:`from_model`, which also wires ``inv_abs_weight``.
         lr, betas, eps: as ``torch.optim.Adam``.
         penalty: the group's ``lambda``. Groups may be changed between steps (a density controller).
+        penalty_mode: ``"mean"`` or ``"relative"`` (above).
         rho: weight of the recovery term.
         inv_abs_weight: scale the penalty gradient by ``1/|w|`` (needs the weights: :meth:`from_model`
             or ``weights={aux: weight}``).
@@ -37,7 +58,9 @@ class AuxAdam(torch.optim.Optimizer):
         foreach: one fused multi-tensor call per group (``True``) or one call per tensor.
         weights: mapping from each aux parameter to its layer weight (for ``inv_abs_weight``).
 
-    Parameters whose ``.grad`` is ``None`` are skipped, as in ``torch.optim.Adam``.
+    Parameters whose ``.grad`` is ``None`` are skipped, as in ``torch.optim.Adam``. Parameters may be
+    FSDP2 DTensors: the step runs on the local shards (every quantity is elementwise), and the group
+    sums behind ``"relative"`` are taken over all ranks.
     """
 
     def __init__(
@@ -48,6 +71,7 @@ class AuxAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         *,
         penalty: float = 0.0,
+        penalty_mode: str = "mean",
         rho: float = 1e-3,
         inv_abs_weight: bool = False,
         surrogate: str = "softplus",
@@ -61,7 +85,7 @@ class AuxAdam(torch.optim.Optimizer):
             raise ValueError(f"betas: expected two floats in [0, 1), got {betas}")
         if not eps >= 0.0:
             raise ValueError(f"eps: expected a non-negative float, got {eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, penalty=penalty, rho=rho,
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, penalty=penalty, penalty_mode=penalty_mode, rho=rho,
                         inv_abs_weight=inv_abs_weight, surrogate=surrogate, alpha=alpha, foreach=foreach)
         super().__init__(params, defaults)
         # aux -> weight, outside the param groups so that state_dict never stores weight tensors
@@ -75,6 +99,13 @@ class AuxAdam(torch.optim.Optimizer):
             raise ValueError(f"penalty: expected a non-negative float, got {group['penalty']!r}")
         if not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
             raise ValueError(f"rho: expected a non-negative float, got {group['rho']!r}")
+        if group["penalty_mode"] not in PENALTY_MODES:
+            raise ValueError(f"penalty_mode: expected one of {PENALTY_MODES}, got {group['penalty_mode']!r}")
+        scales = group.setdefault("layer_scale", [1.0] * len(group["params"]))
+        if len(scales) != len(group["params"]) or not all(isinstance(v, (int, float)) and v >= 0 for v in scales):
+            raise ValueError(
+                f"layer_scale: expected {len(group['params'])} non-negative floats (one per parameter), got {scales!r}"
+            )
         if group["inv_abs_weight"]:
             missing = [tuple(p.shape) for p in group["params"] if p not in self.weights]
             if missing:
@@ -92,9 +123,11 @@ class AuxAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         *,
         penalty: Penalty = 0.0,
+        penalty_mode: str = "mean",
         rho: float = 1e-3,
         inv_abs_weight: bool = False,
         foreach: bool = True,
+        per_layer: Iterable[str] = (),
     ) -> AuxAdam:
         """One optimiser over every masked layer of ``model``, grouped by penalty.
 
@@ -102,11 +135,16 @@ class AuxAdam(torch.optim.Optimizer):
         ``"linear"`` / ``"conv"`` (the method's two default groups) or qualified-name patterns
         (``fnmatch``, e.g. ``"features.0"``: one group each; patterns win over the type keys).
         Layers matched by no key get no penalty. The surrogate and alpha come from the layers.
+        Layers named in ``per_layer`` get a group of their own (named after the layer, with the
+        ``lambda`` their key gives): what a per-layer density controller adjusts.
         """
+        per_layer = set(per_layer)
         groups: dict[tuple[str, str, float], dict[str, Any]] = {}
         weights: dict[Tensor, Tensor] = {}
         for name, module in masked_modules(model):
             key, lam = _penalty_key(name, module, penalty)
+            if name in per_layer:
+                key = name
             gkey = (key, module.surrogate, module.alpha)
             group = groups.setdefault(gkey, {"params": [], "penalty": lam, "surrogate": module.surrogate,
                                              "alpha": module.alpha, "name": key})
@@ -114,8 +152,8 @@ class AuxAdam(torch.optim.Optimizer):
             weights[module.weight_aux] = module.weight
         if not groups:
             raise ValueError("model: has no masked layers; call autoprune_ext.convert(model) first")
-        return cls(list(groups.values()), lr, betas, eps, rho=rho, inv_abs_weight=inv_abs_weight,
-                   foreach=foreach, weights=weights)
+        return cls(list(groups.values()), lr, betas, eps, penalty_mode=penalty_mode, rho=rho,
+                   inv_abs_weight=inv_abs_weight, foreach=foreach, weights=weights)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -123,9 +161,36 @@ class AuxAdam(torch.optim.Optimizer):
             self._check_group(self.param_groups[-1])
 
     def _magnitude(self, aux: Tensor) -> Tensor:
-        w = self.weights[aux].detach()
+        w = local(self.weights[aux].detach())
         # weight granularity: the kernels take |w| themselves, so pass W without a temporary
-        return w if w.shape == aux.shape else ref.weight_magnitude(w, aux)
+        return w if w.shape == local(aux).shape else ref.weight_magnitude(w, local(aux))
+
+    @torch.no_grad()
+    def _scales(self) -> list[float]:
+        """``scale_g`` of every group (see the class docstring); one host sync for all groups."""
+        scales: list[float] = []
+        relative: list[tuple[int, Tensor, Tensor | None]] = []  # group, sum of grad^2, sum of |w|
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            total = sum(p.numel() for p in params)  # global: DTensor.numel() is the full size
+            lam = float(group["penalty"])
+            scales.append(lam / total if total else 0.0)
+            if group["penalty_mode"] != "relative" or lam == 0.0 or not total:
+                continue
+            with_grad = [p for p in params if p.grad is not None]
+            sq = _global_sum([local(p.grad).double().square().sum() for p in with_grad], with_grad)
+            mag = None
+            if group["inv_abs_weight"]:
+                ws = [self.weights[p].detach() for p in params]
+                mag = _global_sum([local(w).double().abs().sum() for w in ws], ws) / sum(w.numel() for w in ws)
+            relative.append((gi, sq, mag))
+        if relative:
+            pairs = [torch.stack([sq, mag if mag is not None else torch.ones_like(sq)]) for _, sq, mag in relative]
+            host = torch.stack([pair.to(pairs[0].device) for pair in pairs]).tolist()
+            for (gi, _, _), (sq, mag) in zip(relative, host):
+                total = sum(p.numel() for p in self.param_groups[gi]["params"])
+                scales[gi] = float(self.param_groups[gi]["penalty"]) * (sq / total) ** 0.5 * mag
+        return scales
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -134,17 +199,16 @@ class AuxAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            total = sum(p.numel() for p in group["params"])
-            scale = float(group["penalty"]) / total if total else 0.0
+        scales = self._scales()
+        for group, group_scale in zip(self.param_groups, scales):
             beta1, beta2 = group["betas"]
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for p in group["params"]:
+            by_device: dict[torch.device, list[tuple[Tensor, float]]] = {}
+            for p, layer_scale in zip(group["params"], group["layer_scale"]):
                 if p.grad is not None:
-                    by_device.setdefault(p.device, []).append(p)
+                    by_device.setdefault(p.device, []).append((p, group_scale * float(layer_scale)))
             for params in by_device.values():
-                auxes, m1s, m2s, grads, mags, steps = [], [], [], [], [], []
-                for p in params:
+                auxes, m1s, m2s, grads, mags, steps, pscales = [], [], [], [], [], [], []
+                for p, scale in params:
                     state = self.state[p]
                     if not state:
                         moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -152,22 +216,22 @@ class AuxAdam(torch.optim.Optimizer):
                         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
                     state["step"] += 1
-                    auxes.append(p)
-                    m1s.append(state["exp_avg"])
-                    m2s.append(state["exp_avg_sq"])
-                    grads.append(p.grad)
+                    # DTensor (FSDP2): the step is elementwise, so it runs on the local shards in place
+                    auxes.append(local(p))
+                    m1s.append(local(state["exp_avg"]))
+                    m2s.append(local(state["exp_avg_sq"]))
+                    grads.append(local(p.grad))
                     mags.append(self._magnitude(p) if group["inv_abs_weight"] else None)
                     steps.append(int(state["step"]))
+                    pscales.append(scale)
                 args = (group["lr"], beta1, beta2, group["eps"])
                 tail = (group["rho"], group["surrogate"], float(group["alpha"]))
                 if group["foreach"]:
-                    torch.ops.autoprune.aux_adam_step_multi_(
-                        auxes, m1s, m2s, grads, mags, steps, [scale] * len(auxes), *args, *tail
-                    )
+                    torch.ops.autoprune.aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales, *args, *tail)
                 else:
                     for i in range(len(auxes)):
                         torch.ops.autoprune.aux_adam_step_(
-                            auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, scale, *tail
+                            auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, pscales[i], *tail
                         )
         return loss
 
@@ -178,6 +242,14 @@ class AuxAdam(torch.optim.Optimizer):
     def density(self) -> float:
         """Fraction of kept entries over all auxiliary tensors of this optimiser."""
         return float(ref.density([p for g in self.param_groups for p in g["params"]]))
+
+
+def _global_sum(values: list[Tensor], like: list[Tensor]) -> Tensor:
+    """Sum of local partial sums ``values`` (each belonging to tensor ``like[i]``) over all shards."""
+    if not values:
+        return torch.zeros((), dtype=torch.float64)
+    reduced = sum_over_shards(values, like)
+    return torch.stack([v.reshape(()).to(reduced[0].device) for v in reduced]).sum()
 
 
 def _penalty_key(name: str, module: nn.Module, penalty: Penalty) -> tuple[str, float]:

@@ -6,7 +6,7 @@ run reproduce an uninterrupted one exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,8 +14,79 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-Batch = tuple[Tensor, Tensor]
+#: a batch: a tensor, a tuple/list ``(inputs, targets, ...)`` or a mapping of keyword inputs
+Batch = Any
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``forward_fn(model, batch) -> output``
+ForwardFn = Callable[[nn.Module, Any], Any]
+#: ``loss_fn(output, batch) -> scalar loss``
+BatchLossFn = Callable[[Any, Any], Tensor]
+
+
+def move_to(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with every tensor in it (nested in tuples, lists and mappings) on ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):  # a plain dict (also for BatchEncoding and other mappings)
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Batch) -> Any:
+    """``model(**batch)`` for a mapping (Hugging Face style), ``model(batch[0])`` for a tuple or list
+    ``(inputs, targets, ...)``, ``model(batch)`` for a tensor."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("batch: expected a non-empty tuple (inputs, targets, ...), got an empty one")
+        return model(batch[0])
+    return model(batch)
+
+
+def _field(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: the output itself, its ``.logits``, or its first element."""
+    if isinstance(output, Tensor):
+        return output
+    logits = _field(output, "logits")
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"output: expected a tensor or an output with .logits, got {type(output).__name__}")
+
+
+def default_loss(output: Any, batch: Batch) -> Tensor:
+    """The loss of ``output`` on ``batch``: the output's own ``.loss`` when it has one (Hugging Face
+    models given ``labels``), else cross-entropy of its logits against the targets (``batch[1]``, or
+    ``batch["labels"]``), over the last dimension (classification and per-token logits alike)."""
+    loss = _field(output, "loss")
+    if isinstance(loss, Tensor):
+        return loss
+    targets = None
+    if isinstance(batch, Mapping):
+        targets = batch.get("labels", batch.get("label"))
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        targets = batch[1]
+    if not isinstance(targets, Tensor):
+        raise ValueError(
+            "loss_fn: cannot infer the loss: the output has no .loss and the batch no targets "
+            "(batch[1] or batch['labels']); pass loss_fn=lambda output, batch: ..."
+        )
+    logits = logits_of(output)
+    if logits.dim() > 2:  # per-token logits [..., classes] and targets [...]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return F.cross_entropy(logits, targets)
 
 
 class BatchStream:
@@ -48,8 +119,7 @@ class BatchStream:
         epoch, index = divmod(int(step), self.per_epoch)
         idx = self._permutation(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         if isinstance(self.dataset, TensorDataset):
-            x, y = (t[idx] for t in self.dataset.tensors[:2])
-            return x, y
+            return tuple(t[idx] for t in self.dataset.tensors)
         return default_collate([self.dataset[int(i)] for i in idx])
 
     def __iter__(self) -> Iterator[Batch]:

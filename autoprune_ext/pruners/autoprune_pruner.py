@@ -190,6 +190,8 @@ class AutoPrunePruner(Pruner):
                     torch.nn.init.trunc_normal_(init, mean, std, mean - 2 * std, mean + 2 * std)
                 m.weight_aux.copy_(torch.where(m.weight_aux >= 0, init, m.weight_aux.clamp(max=-1e-3)))
         config = dataclasses.replace(self.config, target_density=density)
+        for _, m in layers:  # the retrain phase of the loop froze the masks; the trainer leaves frozen ones alone
+            m.weight_aux.requires_grad_(True)
         trainer = AutoPrune(model, config)
         trainer.fit(train, heldout if config.mode == "bilevel" else None, self.steps, progress=self.progress)
         self.history = trainer.history
