@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .nn import MASKED_TYPES, AuxInit, MaskedModule
+from .nn import AuxInit, MaskedModule, masked_type_for
 
 Selector = str | type[nn.Module]
 
@@ -44,6 +44,22 @@ def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedModule]]:
             yield name, module
 
 
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters held by more than one module of ``model`` (tied weights, e.g. a language model's
+    input embedding and ``lm_head``): qualified parameter name -> every module holding it."""
+    holders: dict[int, list[str]] = {}
+    first: dict[int, str] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            names = holders.setdefault(id(p), [])
+            if mod_name not in names:
+                names.append(mod_name)
+            first.setdefault(id(p), f"{mod_name}.{p_name}" if mod_name else p_name)
+    # one module object registered under two names is one layer, not a tie
+    ids = {n: id(m) for n, m in model.named_modules(remove_duplicate=False)}
+    return {first[k]: v for k, v in holders.items() if len({ids[n] for n in v}) > 1}
+
+
 def convert(
     model: nn.Module,
     include: Iterable[Selector] | None = None,
@@ -60,30 +76,53 @@ def convert(
 
     Only layers of exactly those types are converted (subclasses such as attention's
     ``out_proj`` are used through their weight by their owner, so masking them would be silent
-    no-ops). ``include``/``exclude`` take qualified-name patterns (``fnmatch``: ``"features.*"``)
+    no-ops), plus Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2 family).
+    ``include``/``exclude`` take qualified-name patterns (``fnmatch``: ``"features.*"``)
     or module types; by default every eligible layer is converted. The new layers share the old
     ``weight``/``bias`` parameters. Returns ``model`` (or the new layer, if ``model`` itself is one).
+
+    Tied weights are never masked: a layer whose weight another module also holds (a language
+    model's ``lm_head`` tied to its input embedding, see :func:`tied_weights`) stays dense, since a
+    mask would apply to one use of the matrix only, and ``finalize`` keeps the tie. Naming only
+    tied layers in ``include`` is an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     include = list(include) if include is not None else None
     exclude = list(exclude) if exclude is not None else []
-    targets = [
+    tied = {id(p) for p in _tied_params(model)}
+    names: dict[int, list[str]] = {}  # a module registered under several names is replaced under all
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    selected = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) in MASKED_TYPES
+        if masked_type_for(module) is not None
         and (include is None or _matches(name, module, include))
         and not _matches(name, module, exclude)
     ]
+    targets = [(n, m) for n, m in selected if id(m.weight) not in tied]
     if include is not None and not targets:
-        raise ValueError(f"include: no Linear/Conv1d/Conv2d layer of the model matches {include!r}")
+        if selected:
+            raise ValueError(
+                f"include: {include!r} matches only layers with tied weights ({', '.join(n for n, _ in selected)}), "
+                "which are not masked: the mask would apply to one use of the shared matrix only"
+            )
+        raise ValueError(f"include: no Linear/Conv1d/Conv2d/Conv1D layer of the model matches {include!r}")
     for name, module in targets:
-        masked = MASKED_TYPES[type(module)].from_dense(
+        masked = masked_type_for(module).from_dense(  # type: ignore[union-attr]
             module, granularity=granularity, surrogate=surrogate, rule=rule, alpha=alpha, init=init,
             aux_dtype=aux_dtype,
         )
-        model = _replace(model, name, masked)
+        for alias in names[id(module)]:
+            model = _replace(model, alias, masked)
     return model
+
+
+def _tied_params(model: nn.Module) -> list[nn.Parameter]:
+    tied = tied_weights(model)
+    params = dict(model.named_parameters(remove_duplicate=True))
+    return [params[n] for n in tied if n in params]
 
 
 def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -94,8 +133,13 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    for name, module in list(masked_modules(model)):
-        model = _replace(model, name, module.to_dense())
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    for _, module in list(masked_modules(model)):
+        dense = module.to_dense()
+        for alias in names[id(module)]:
+            model = _replace(model, alias, dense)
     return model
 
 

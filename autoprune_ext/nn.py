@@ -9,6 +9,7 @@ parametrizations. So ``state_dict`` keeps ``weight``/``bias`` under their usual 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -66,10 +67,10 @@ class MaskedModule(nn.Module):
         _checks.check_granularity(granularity)
         _checks.check_names(surrogate, rule, alpha)
         self.granularity, self.surrogate, self.rule, self.alpha = granularity, surrogate, rule, float(alpha)
-        w = self.weight
+        w = self.mask_weight()
         if aux_dtype is None:
             aux_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        shape = tuple(w.shape) if granularity == "weight" else (w.shape[0],)
+        shape = (w.shape[0],) if granularity == "unit" else tuple(w.shape)
         self.weight_aux = nn.Parameter(torch.empty(shape, dtype=aux_dtype, device=w.device))
         self.reset_aux(init)
 
@@ -78,7 +79,7 @@ class MaskedModule(nn.Module):
         """Re-initialise ``weight_aux`` (default: truncated normal, mean 0.5, std 0.1: all kept)."""
         aux = self.weight_aux
         if callable(init):
-            value = init(self.weight, tuple(aux.shape))
+            value = init(self.mask_weight().detach(), tuple(aux.shape))
             _checks.check_like(value, "init(weight)", aux, "weight_aux")
             aux.copy_(value)
         elif isinstance(init, (int, float)) and not isinstance(init, bool):
@@ -98,14 +99,33 @@ class MaskedModule(nn.Module):
     def _mask_options(self) -> dict[str, Any]:
         return {"surrogate": self.surrogate, "rule": self.rule, "alpha": self.alpha}
 
+    # -- layout: the ops see the weight as [out, in, ...]; a layer storing it otherwise overrides these
+    def mask_weight(self) -> Tensor:
+        """``weight`` in the mask layout ``[out, in, ...]`` that ``weight_aux`` follows (a view)."""
+        return self.weight
+
+    def to_weight_layout(self, t: Tensor) -> Tensor:
+        """``t`` (in the mask layout) in ``weight``'s own layout: the inverse of :meth:`mask_weight`."""
+        return t
+
+    def effective_aux(self) -> Tensor:
+        """The tensor whose sign is the mask: ``weight_aux`` itself, or for N:M granularity its
+        distance to each group's top-N threshold (differentiable, straight-through)."""
+        nm = ref.parse_nm(self.granularity) if ":" in self.granularity else None
+        if nm is None:
+            return self.weight_aux
+        return functional.nm_scores(self.weight_aux, *nm)
+
     def mask(self) -> Tensor:
         """Boolean keep-mask in ``weight``'s shape (``True`` = kept)."""
-        return (ref.broadcast_aux(self.weight_aux.detach(), self.weight) >= 0).expand_as(self.weight)
+        with torch.no_grad():
+            w, aux = self.mask_weight(), self.effective_aux().detach()
+            return self.to_weight_layout((ref.broadcast_aux(aux, w) >= 0).expand_as(w))
 
     @torch.no_grad()
     def masked_weight(self) -> Tensor:
-        """``W * h(M)``, detached."""
-        return ref.apply_mask(self.weight.detach(), self.weight_aux.detach())
+        """``W * h(M)``, detached, in ``weight``'s layout."""
+        return self.to_weight_layout(ref.apply_mask(self.mask_weight().detach(), self.effective_aux().detach()))
 
     def kept(self) -> int:
         """Number of kept weight entries."""
@@ -124,10 +144,21 @@ class MaskedModule(nn.Module):
     def _dense_kwargs(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _empty_dense(self) -> nn.Module:
+        """A dense layer of this layer's configuration with no storage (weights set by the caller)."""
+        return self.dense_cls(**self._dense_kwargs(), device="meta")
+
+    @classmethod
+    def _empty_masked(cls, module: nn.Module) -> MaskedModule:
+        """An instance of ``cls`` configured like dense ``module``, without allocating a weight."""
+        new = cls.__new__(cls)
+        cls.dense_cls.__init__(new, **_dense_kwargs_of(module), device="meta")
+        return new
+
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """A plain dense layer holding ``W * h(M)`` (zeros baked in) and the same bias."""
-        dense = self.dense_cls(**self._dense_kwargs(), device="meta")
+        dense = self._empty_dense()
         dense.weight = nn.Parameter(self.masked_weight().clone(), requires_grad=self.weight.requires_grad)
         if getattr(self, "bias", None) is not None:
             dense.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
@@ -150,8 +181,7 @@ class MaskedModule(nn.Module):
         optimiser built on them stays valid) and adds a fresh ``weight_aux``."""
         if type(module) is not cls.dense_cls:
             raise TypeError(f"module: expected a {cls.dense_cls.__name__}, got {type(module).__name__}")
-        new = cls.__new__(cls)
-        cls.dense_cls.__init__(new, **_dense_kwargs_of(module), device="meta")
+        new = cls._empty_masked(module)
         new.weight = module.weight
         new.bias = module.bias
         new._init_mask(granularity, surrogate, rule, alpha, init, aux_dtype)
@@ -207,7 +237,7 @@ class MaskedLinear(MaskedModule, nn.Linear):
         self._init_mask(granularity, surrogate, rule, alpha, init, aux_dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return functional.masked_linear(input, self.weight, self.weight_aux, self.bias, **self._mask_options())
+        return functional.masked_linear(input, self.weight, self.effective_aux(), self.bias, **self._mask_options())
 
     def _dense_kwargs(self) -> dict[str, Any]:
         return _dense_kwargs_of(self)
@@ -215,7 +245,7 @@ class MaskedLinear(MaskedModule, nn.Linear):
 
 class _MaskedConvNd(MaskedModule):
     def forward(self, input: Tensor) -> Tensor:
-        t = functional.apply_mask(self.weight, self.weight_aux, **self._mask_options())
+        t = functional.apply_mask(self.weight, self.effective_aux(), **self._mask_options())
         return self._conv_forward(input, t, self.bias)  # type: ignore[attr-defined]
 
     def _dense_kwargs(self) -> dict[str, Any]:
@@ -254,3 +284,21 @@ MASKED_TYPES: dict[type[nn.Module], type[MaskedModule]] = {
     nn.Conv1d: MaskedConv1d,
     nn.Conv2d: MaskedConv2d,
 }
+
+
+def masked_type_for(module: nn.Module) -> type[MaskedModule] | None:
+    """The masked layer type that replaces ``module``, or ``None`` if it is not convertible.
+
+    Exactly the types of :data:`MASKED_TYPES`, plus Hugging Face's ``transformers.pytorch_utils.Conv1D``
+    (GPT-2 family) when transformers is already imported: a model holding one imported it, so
+    transformers is never imported on our account.
+    """
+    cls = MASKED_TYPES.get(type(module))
+    if cls is not None:
+        return cls
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and type(module) is getattr(hf, "Conv1D", None):
+        from .nn_hf import MaskedConv1D
+
+        return MaskedConv1D
+    return None

@@ -149,7 +149,7 @@ class AuxAdam(torch.optim.Optimizer):
             group = groups.setdefault(gkey, {"params": [], "penalty": lam, "surrogate": module.surrogate,
                                              "alpha": module.alpha, "name": key})
             group["params"].append(module.weight_aux)
-            weights[module.weight_aux] = module.weight
+            weights[module.weight_aux] = module.mask_weight()  # [out, in, ...], as weight_aux
         if not groups:
             raise ValueError("model: has no masked layers; call autoprune_ext.convert(model) first")
         return cls(list(groups.values()), lr, betas, eps, penalty_mode=penalty_mode, rho=rho,

@@ -65,7 +65,7 @@ def _local_kept(module: MaskedModule) -> Tensor:
     aux = local(module.weight_aux.detach())
     if module.granularity == "unit":
         _check_row_sharding(module)
-        row = math.prod(module.weight.shape[1:])  # global shape: rows are whole on every rank
+        row = module.weight.numel() // max(module.weight_aux.numel(), 1)  # global sizes: rows are whole on every rank
         return (aux >= 0).sum() * row
     return (aux >= 0).sum()
 
