@@ -224,6 +224,11 @@ class AutoPrune:
                     group["penalty"] = max(float(group["penalty"]), 1e-3)
         if not self.aux_params:
             raise ValueError("model: every weight_aux is frozen (requires_grad=False); there is no mask to train")
+        if weight_optimizer is not None and not isinstance(weight_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"weight_optimizer: expected a torch.optim.Optimizer (for a name, set config.weight_optimizer), "
+                f"got {type(weight_optimizer).__name__}"
+            )
         if weight_optimizer is None and not self.weight_params:
             raise ValueError("model: has no trainable parameter besides the masks (nothing for the weight steps)")
         self.weight_optimizer = weight_optimizer or make_optimizer(

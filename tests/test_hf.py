@@ -243,3 +243,30 @@ def test_compile_fullgraph_converted_llama():
         compiled = torch.compile(model, fullgraph=True)(input_ids=ids).logits
     torch.testing.assert_close(compiled, eager)
     assert isinstance(model.model.layers[0].self_attn.q_proj, MaskedLinear)
+
+
+def test_causal_lm_example_smoke(tmp_path):
+    """The README's language-model example end to end on a small generated text (a few steps)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "prune_causal_lm", Path(__file__).resolve().parents[1] / "examples" / "prune_causal_lm.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    words = ["alpha", "beta", "gamma", "delta", "mask", "prune", "weight"]
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (3000,), generator=g))
+    (tmp_path / "t.txt").write_text(text)
+    out = tmp_path / "r.json"
+    result = example.main(["--text-file", str(tmp_path / "t.txt"), "--dense-steps", "5", "--prune-steps", "5",
+                           "--hidden", "32", "--context", "32", "--batch", "4", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == result
+    for key in ("ppl_dense", "ppl_autoprune", "ppl_magnitude_oneshot", "ppl_magnitude_finetuned"):
+        assert 1.0 < result[key] < 1e4, key
+    assert 0.0 < result["density_autoprune"] <= 1.0
+    with pytest.raises(SystemExit):
+        example.main(["--text-file", str(tmp_path / "missing.txt")])
