@@ -202,8 +202,11 @@ class AutoPrune:
         cfg = self.config
         module = model.module if _is_ddp(model) else model
         if not any(True for _ in masked_modules(module)):
-            if _is_ddp(model):
-                raise ValueError("model: convert it (autoprune_ext.convert) before wrapping it in DistributedDataParallel")
+            if _is_ddp(model) or any(is_dtensor(p) for p in model.parameters()):
+                raise ValueError(
+                    "model: convert it (autoprune_ext.convert) before wrapping it in DistributedDataParallel "
+                    "or sharding it with fully_shard"
+                )
             module = model = convert(model, granularity=cfg.granularity, init=cfg.mask_init,
                                      surrogate=cfg.surrogate, rule=cfg.rule, alpha=cfg.alpha)
         #: the model as given (possibly DDP-wrapped) and the module inside it (names, state dicts)
@@ -309,6 +312,9 @@ class AutoPrune:
         counts = layer_counts(self.module)
         by_name = {c.name: c for c in counts}
         groups = self.aux_optimizer.param_groups
+        # layers whose penalty is off for the next step: below their target (the lambda a controller
+        # built up while above it would otherwise keep pruning far past the target) or at their floor
+        penalty_off: set[str] = set()
         if cfg.target_density is not None:
             rest = [c for c in counts if c.name not in self._layer_targets]
             if rest:
@@ -317,21 +323,27 @@ class AutoPrune:
                 for group in groups:
                     if group["name"] not in self._layer_targets:
                         group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
+                if d < cfg.target_density:
+                    penalty_off.update(c.name for c in rest)
         for group in groups:
             if group["name"] in self._layer_targets:
                 c = by_name[group["name"]]
                 factor = self._factor(c.density, self._layer_targets[c.name])
                 group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
+                if c.density < self._layer_targets[c.name]:
+                    penalty_off.add(c.name)
+        revived: list[str] = []
         if cfg.min_density > 0 or cfg.keep_rows:
             revived = enforce_floor(self.module, cfg.min_density, cfg.keep_rows, counts)
-            at_floor = {c.name for c in counts
-                        if c.kept <= max(1, math.ceil(cfg.min_density * c.module.weight_aux.numel()))
-                        * (c.total // max(c.module.weight_aux.numel(), 1))}
+            penalty_off.update(c.name for c in counts
+                               if c.kept <= max(1, math.ceil(cfg.min_density * c.module.weight_aux.numel()))
+                               * (c.total // max(c.module.weight_aux.numel(), 1)))
+        if penalty_off or any(0.0 in g.get("layer_scale", ()) for g in groups):
             aux_name = {id(m.weight_aux): n for n, m in masked_modules(self.module)}
-            for group in groups:  # no penalty on a layer at its floor; back on once it is above it
-                group["layer_scale"] = [0.0 if aux_name.get(id(p)) in at_floor else 1.0 for p in group["params"]]
-            if revived:
-                counts = layer_counts(self.module)
+            for group in groups:  # back on once the layer is above its target and its floor
+                group["layer_scale"] = [0.0 if aux_name.get(id(p)) in penalty_off else 1.0 for p in group["params"]]
+        if revived:
+            counts = layer_counts(self.module)
         self._counts = counts
 
     def _factor(self, density: float, target: float) -> float:

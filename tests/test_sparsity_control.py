@@ -113,3 +113,17 @@ def test_density_counts_every_layer():
     with torch.no_grad():
         model[0].weight_aux[0].fill_(-1.0)
     assert density(model) == pytest.approx((12 - 4 + 6) / 18)
+
+
+def test_below_target_the_penalty_is_off_and_density_recovers():
+    """Below the target the penalty is off, so the lambda the controller built up on the way down
+    stops pruning and the masks grow back towards the target (Adam's momentum still carries M past
+    the target first: an undershoot remains, see the README)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
+    trainer = AutoPrune(model, penalty=5.0, lr_aux=0.05, batch_size=32, target_density=0.5, controller_gain=0.2)
+    history = trainer.fit(blobs(256, 0), blobs(64, 1), steps=150, progress=False)
+    lowest = min(r["density"] for r in history)
+    assert lowest < 0.5 and history[-1]["density"] > lowest + 0.1
+    if history[-1]["density"] < 0.5:
+        assert all(v == 0.0 for g in trainer.aux_optimizer.param_groups for v in g["layer_scale"])
