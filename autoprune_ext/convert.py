@@ -130,7 +130,22 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     The result has the original (unmasked) architecture and ``state_dict`` keys, so it loads into a
     fresh dense model with ``strict=True``. ``model`` itself is left untouched unless ``inplace``.
+
+    A ``DistributedDataParallel`` model is finalized through its ``.module`` (the dense module is
+    returned, not a wrapper). An FSDP2-sharded model cannot be copied: use
+    :func:`autoprune_ext.distributed.finalize_state_dict`, which gathers the shards and returns the
+    dense state dict.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    from .sparsity import is_dtensor  # here: sparsity imports this module
+
+    if any(is_dtensor(t) for t in (*model.parameters(), *model.buffers())):
+        raise TypeError(
+            "finalize: the model is sharded (FSDP2 DTensor parameters), which cannot be copied or "
+            "replaced layer by layer; use autoprune_ext.distributed.finalize_state_dict(model) (on every "
+            "rank) and load the result into a dense model with load_state_dict(..., strict=True)"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     names: dict[int, list[str]] = {}
@@ -248,13 +263,28 @@ def _positions(module: nn.Module, inp: Tensor, out: Tensor) -> int:
     return max(out.numel() // max(batch * module.weight.shape[0], 1), 1)
 
 
+def _layer_kind(module: nn.Module) -> str:
+    """The layer's class name; FSDP2's ``fully_shard`` swaps in a generated subclass
+    (``FSDPMaskedLinear``), so classes defined by ``torch.distributed`` are skipped."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls.__name__
+    return type(module).__name__
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module, example_input: Tensor | None = None) -> SparsityReport:
     """Kept/total weights, compression ratio and FLOPs estimate of every masked layer of ``model``.
 
     Pass ``example_input`` (a batch the model accepts) for exact convolution FLOPs: the model is run
     once on it, in eval mode, to record output sizes.
+
+    Counts are global (:func:`autoprune_ext.sparsity.layer_counts`): under FSDP2 the kept entries of
+    every rank's shards are summed, so this is collective there (every rank must call it, with the
+    same ``example_input``) and every rank gets the whole model's report.
     """
+    from .sparsity import layer_counts  # here: sparsity imports this module
+
     layers = list(masked_modules(model))
     positions: dict[str, int] = {}
     if example_input is not None:
@@ -271,11 +301,11 @@ def sparsity_report(model: nn.Module, example_input: Tensor | None = None) -> Sp
             for h in handles:
                 h.remove()
     report = SparsityReport(flops_exact=example_input is not None)
-    for name, m in layers:
-        kept, total = m.kept(), m.weight.numel()
+    for count in layer_counts(model):
+        name, m, kept, total = count.name, count.module, count.kept, count.total
         pos = positions.get(name, 1)
         report.layers.append(LayerSparsity(
-            name=name, kind=type(m).__name__, shape=tuple(m.weight.shape), kept=kept, total=total,
+            name=name, kind=_layer_kind(m), shape=tuple(m.weight.shape), kept=kept, total=total,
             flops_dense=2 * total * pos, flops_kept=2 * kept * pos,
         ))
     return report

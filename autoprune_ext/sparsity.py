@@ -145,16 +145,18 @@ def enforce_floor(model: nn.Module, min_density: float = 1e-3, keep_rows: bool =
       ``max(aux, FLOOR_MARGIN)``, so exactly the best candidates come back and nothing else moves;
     * ``keep_rows`` (weight granularity): every output row keeps at least one entry (its largest).
 
-    Pass ``counts`` from :func:`layer_counts` to skip counting again. Collective under FSDP2.
+    Pass ``counts`` from :func:`layer_counts` to skip counting again. Collective under FSDP2, where
+    every rank returns the same names (a layer counts as revived when any rank's shard changed).
     """
     if not 0.0 <= min_density <= 1.0:
         raise ValueError(f"min_density: expected a fraction in [0, 1], got {min_density}")
     counts = list(counts) if counts is not None else layer_counts(model)
-    revived: list[str] = []
+    flags: list[Tensor] = []  # per layer: whether this rank's shard changed
     for c in counts:
         m = c.module
         aux = m.weight_aux
         if m.granularity not in ("weight", "unit"):
+            flags.append(torch.zeros((), dtype=torch.int64, device=aux.device))
             continue  # a fixed pattern (N:M) has a fixed density
         entries = aux.numel()  # mask entries (units for unit granularity)
         per_entry = c.total // max(entries, 1)
@@ -176,6 +178,8 @@ def enforce_floor(model: nn.Module, min_density: float = 1e-3, keep_rows: bool =
                 r = dead.nonzero().squeeze(1)
                 rows[r, best[r]] = FLOOR_MARGIN
                 changed = True
-        if changed:
-            revived.append(c.name)
-    return revived
+        flags.append(torch.tensor(int(changed), dtype=torch.int64, device=aux.device))
+    # keep_rows revives rows of the local shard only: agree on the result over the shards
+    flags = sum_over_shards(flags, [c.module.weight_aux for c in counts])
+    changed_host = torch.stack([f.reshape(()).cpu() for f in flags]).tolist() if flags else []
+    return [c.name for c, f in zip(counts, changed_host) if f]
