@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import GRANULARITIES, RULES, SURROGATES
+from .reference import GRANULARITIES, NM_MAX_M, RULES, SURROGATES, parse_nm
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,8 +49,28 @@ def check_names(surrogate: str, rule: str, alpha: float) -> None:
 
 
 def check_granularity(granularity: str) -> None:
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    if granularity in GRANULARITIES or parse_nm(granularity) is not None:
+        return
+    raise ValueError(f"granularity: expected one of {GRANULARITIES} or 'N:M' (e.g. '2:4'), got {granularity!r}")
+
+
+def check_nm_args(aux: object, n: object, m: object, aux_name: str = "aux") -> Tensor:
+    """``aux`` is a float tensor (at least 1-D) whose rows split into groups of ``m``; ``1 <= n <= m``."""
+    a = check_tensor(aux, aux_name)
+    for name, v in (("n", n), ("m", m)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if not 1 <= n <= m <= NM_MAX_M:  # type: ignore[operator]
+        raise ValueError(f"n, m: expected 1 <= n <= m <= {NM_MAX_M}, got n={n}, m={m}")
+    if a.dim() == 0:
+        raise ValueError(f"{aux_name}: expected a tensor with at least one dimension, got a scalar")
+    row = a.numel() // a.shape[0] if a.shape[0] else math.prod(a.shape[1:])
+    if row % m:  # type: ignore[operator]
+        raise ValueError(
+            f"{aux_name}: expected rows (shape[1:] = {tuple(a.shape[1:])}, {row} entries) that split into "
+            f"groups of m={m} for N:M granularity"
+        )
+    return a
 
 
 def check_finite(x: Tensor, name: str) -> None:

@@ -223,6 +223,8 @@ class AutoPrune:
         )
         if cfg.target_density is not None or self._layer_targets:
             for group in self.aux_optimizer.param_groups:  # a controller needs a positive start
+                if group["name"] == "n:m":  # fixed density: never penalised
+                    continue
                 if cfg.target_density is not None or group["name"] in self._layer_targets:
                     group["penalty"] = max(float(group["penalty"]), 1e-3)
         if not self.aux_params:
@@ -321,7 +323,7 @@ class AutoPrune:
                 d = sum(c.kept for c in rest) / max(sum(c.total for c in rest), 1)
                 factor = self._factor(d, cfg.target_density)
                 for group in groups:
-                    if group["name"] not in self._layer_targets:
+                    if group["name"] not in self._layer_targets and group["name"] != "n:m":
                         group["penalty"] = min(max(group["penalty"] * factor, 1e-6), 1e4)
                 if d < cfg.target_density:
                     penalty_off.update(c.name for c in rest)

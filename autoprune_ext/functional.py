@@ -100,3 +100,28 @@ def masked_conv2d(
     """``conv2d(input, weight * h(aux), bias, ...)``; arguments as ``torch.nn.functional.conv2d``."""
     t = apply_mask(weight, aux, surrogate=surrogate, rule=rule, alpha=alpha)
     return F.conv2d(input, t, bias, stride, padding, dilation, groups)
+
+
+def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
+    """N:M scores of ``aux``: ``S >= 0`` exactly on the top-``n`` entries of every group of ``m``
+    consecutive entries of each row (ties: lower index kept), ``S`` the distance to the group's
+    threshold. Differentiable with a straight-through backward (``dS/dM = 1``), so
+    ``apply_mask(W, nm_scores(M, 2, 4))`` is a 2:4-masked weight whose ``M`` learns through the usual
+    coarse gradient. See :func:`autoprune_ext.reference.nm_scores`.
+    """
+    _checks.check_nm_args(aux, n, m)
+    _checks.check_finite(aux, "aux")
+    return torch.ops.autoprune.nm_scores(aux, n, m)
+
+
+def apply_nm_mask(
+    weight: Tensor, aux: Tensor, n: int = 2, m: int = 4, *, surrogate: str = "softplus", rule: str = "sign",
+    alpha: float = 0.1,
+) -> Tensor:
+    """``weight * h(nm_scores(aux, n, m))``: an exactly N:M weight (``aux`` in ``weight``'s shape)."""
+    if not isinstance(aux, Tensor) or not isinstance(weight, Tensor) or aux.shape != weight.shape:
+        raise ValueError(
+            f"aux: expected weight's shape {tuple(getattr(weight, 'shape', ()))} for N:M granularity, "
+            f"got {tuple(getattr(aux, 'shape', ()))}"
+        )
+    return apply_mask(weight, nm_scores(aux, n, m), surrogate=surrogate, rule=rule, alpha=alpha)

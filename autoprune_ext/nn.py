@@ -72,6 +72,9 @@ class MaskedModule(nn.Module):
             aux_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         shape = (w.shape[0],) if granularity == "unit" else tuple(w.shape)
         self.weight_aux = nn.Parameter(torch.empty(shape, dtype=aux_dtype, device=w.device))
+        nm = ref.parse_nm(granularity)
+        if nm is not None:  # rows must split into whole groups of m along the input dimension
+            _checks.check_nm_args(w, *nm, aux_name="weight")
         self.reset_aux(init)
 
     @torch.no_grad()
@@ -208,7 +211,8 @@ def _dense_kwargs_of(module: nn.Module) -> dict[str, Any]:
 
 _MASK_DOC = """
     Mask options (keyword-only): ``granularity`` (``"weight"``: one aux entry per weight; ``"unit"``:
-    one per output unit), ``surrogate``, ``rule``, ``alpha`` (see :func:`autoprune_ext.functional.apply_mask`),
+    one per output unit; ``"N:M"`` such as ``"2:4"``: one per weight, the mask keeping exactly the
+    top-N aux entries of every M consecutive inputs, see :func:`autoprune_ext.functional.nm_scores`), ``surrogate``, ``rule``, ``alpha`` (see :func:`autoprune_ext.functional.apply_mask`),
     ``init`` (aux initialiser, default truncated normal mean 0.5 std 0.1, every weight kept) and
     ``aux_dtype`` (default float32, float64 for float64 weights).
 """

@@ -11,6 +11,8 @@ Ops (``torch.ops.autoprune.<name>``):
 * ``aux_adam_step_(aux, exp_avg, exp_avg_sq, grad?, weight?, step, lr, beta1, beta2, eps,
   penalty_scale, rho, surrogate, alpha)``: in place on the first three;
 * ``aux_adam_step_multi_(...)``: the same over lists of tensors (one or a few launches);
+* ``nm_scores(aux, n, m) -> S``: N:M granularity, ``S >= 0`` exactly on the top-``n`` of every group
+  of ``m`` (see :func:`autoprune_ext.reference.nm_scores`); differentiable, straight-through;
 * ``masked_linear(input, weight, aux, bias?, surrogate, rule, alpha) -> Y``: differentiable, backward
   through ``masked_linear_backward(...) -> (dX, dW, dM, db)`` (empty tensors for unrequested ones).
 
@@ -108,6 +110,32 @@ def _apply_mask_backward(ctx, grad):
 
 
 torch.library.register_autograd("autoprune::apply_mask", _apply_mask_backward, setup_context=_apply_mask_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# nm_scores (N:M granularity)
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("autoprune::nm_scores", mutates_args=())
+def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
+    _checks.check_nm_args(aux, n, m)
+    return backends.select(aux.device).nm_scores(aux, n, m)
+
+
+@nm_scores.register_fake
+def _(aux, n, m):
+    return torch.empty(aux.shape, dtype=aux.dtype, device=aux.device)
+
+
+def _nm_scores_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _nm_scores_backward(ctx, grad):
+    # straight-through: the group thresholds are constants, dS/dM = 1
+    return grad, None, None
+
+
+torch.library.register_autograd("autoprune::nm_scores", _nm_scores_backward, setup_context=_nm_scores_setup)
 
 
 # --------------------------------------------------------------------------------------------------

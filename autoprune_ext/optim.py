@@ -135,6 +135,7 @@ class AuxAdam(torch.optim.Optimizer):
         ``"linear"`` / ``"conv"`` (the method's two default groups) or qualified-name patterns
         (``fnmatch``, e.g. ``"features.0"``: one group each; patterns win over the type keys).
         Layers matched by no key get no penalty. The surrogate and alpha come from the layers.
+        N:M layers form a group ``"n:m"`` without penalty (their density is fixed).
         Layers named in ``per_layer`` get a group of their own (named after the layer, with the
         ``lambda`` their key gives): what a per-layer density controller adjusts.
         """
@@ -145,6 +146,8 @@ class AuxAdam(torch.optim.Optimizer):
             key, lam = _penalty_key(name, module, penalty)
             if name in per_layer:
                 key = name
+            if ":" in module.granularity:  # N:M: the density is fixed, a density penalty has nothing to do
+                key, lam = "n:m", 0.0
             gkey = (key, module.surrogate, module.alpha)
             group = groups.setdefault(gkey, {"params": [], "penalty": lam, "surrogate": module.surrogate,
                                              "alpha": module.alpha, "name": key})

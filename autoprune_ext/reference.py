@@ -37,6 +37,8 @@ SURROGATES: tuple[str, ...] = (
 )
 RULES: tuple[str, ...] = ("sign", "chain")
 GRANULARITIES: tuple[str, ...] = ("weight", "unit")
+#: the largest group size ``m`` of N:M granularity (the kernels keep a group in registers)
+NM_MAX_M = 32
 
 #: ``inv_abs_weight`` treats weights smaller than this as zero (no penalty push), as the authors did.
 INV_ABS_EPS = 1e-15
@@ -62,6 +64,49 @@ def granularity_of(weight: Tensor, aux: Tensor) -> str:
         f"aux: expected shape {tuple(weight.shape)} (weight granularity) or "
         f"({weight.shape[0] if weight.dim() else '?'},) (unit granularity), got {tuple(aux.shape)}"
     )
+
+
+def parse_nm(granularity: object) -> tuple[int, int] | None:
+    """``(n, m)`` for an N:M granularity string such as ``"2:4"``; ``None`` for any other string.
+
+    Raises ``ValueError`` for a malformed ``"N:M"`` string or ``1 <= n <= m <= NM_MAX_M`` violated.
+    """
+    if not isinstance(granularity, str) or ":" not in granularity:
+        return None
+    a, _, b = granularity.partition(":")
+    if not (a.strip().isdigit() and b.strip().isdigit()):
+        raise ValueError(f"granularity: expected 'N:M' with integers N and M (e.g. '2:4'), got {granularity!r}")
+    n, m = int(a), int(b)
+    if not 1 <= n <= m <= NM_MAX_M:
+        raise ValueError(f"granularity: expected 'N:M' with 1 <= N <= M <= {NM_MAX_M}, got {granularity!r}")
+    return n, m
+
+
+def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
+    """Distance of every entry of ``aux`` to its N:M group's decision boundary: ``S >= 0`` exactly
+    for the top-``n`` entries of each group of ``m`` consecutive entries of each row
+    (``aux.reshape(aux.shape[0], -1)``; rows must split into whole groups).
+
+    ``S = aux - t`` with ``t`` the midpoint of the group's ``n``-th and ``(n+1)``-th largest values
+    (``n == m``: the group's smallest). Ties are broken by position, the lower index kept, and
+    ``S`` is clamped to ``>= +0`` for kept entries and ``<= -tiny`` (the dtype's smallest normal) for
+    the others, so ``S >= 0`` selects exactly ``n`` per group whatever the ties. Computed in float32
+    (float64 for float64 ``aux``), returned in ``aux``'s dtype. Through ``S`` the ordinary ops give
+    the N:M forward ``W * h(S)`` and the straight-through coarse gradient ``s(S)`` (``dS/dM = 1``).
+    """
+    cd = compute_dtype(aux)
+    if aux.numel() == 0:
+        return torch.empty_like(aux, memory_format=torch.contiguous_format)
+    a = aux.to(cd).reshape(-1, m)
+    order = torch.sort(a, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order.indices)
+    rank.scatter_(1, order.indices, torch.arange(m, device=a.device).expand_as(a).contiguous())
+    top = order.values
+    thr = top[:, n - 1] if n == m else top[:, n - 1] / 2 + top[:, n] / 2  # halves: no overflow near max
+    score = a - thr[:, None]
+    tiny = torch.finfo(aux.dtype).tiny
+    score = torch.where(rank < n, score.clamp_min(0.0), score.clamp_max(-tiny))
+    return score.to(aux.dtype).reshape(aux.shape)
 
 
 def broadcast_aux(aux: Tensor, weight: Tensor) -> Tensor:

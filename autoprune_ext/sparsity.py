@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import reference as ref
 from .convert import masked_modules
 from .nn import MaskedModule
 
@@ -63,6 +64,9 @@ def _check_row_sharding(module: MaskedModule) -> None:
 def _local_kept(module: MaskedModule) -> Tensor:
     """Kept weight entries of ``module`` on this rank's shard, as a 0-d int64 tensor."""
     aux = local(module.weight_aux.detach())
+    nm = ref.parse_nm(module.granularity)
+    if nm is not None:  # Shard(0) keeps rows, and so N:M groups, whole on every rank
+        return (ref.nm_scores(aux, *nm) >= 0).sum()
     if module.granularity == "unit":
         _check_row_sharding(module)
         row = module.weight.numel() // max(module.weight_aux.numel(), 1)  # global sizes: rows are whole on every rank

@@ -12,18 +12,24 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "nm_group.h"
 #include "ops_common.h"
 
 #if defined(__linux__)
@@ -140,6 +146,38 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
   if (need_aux_grad)
     at::parallel_for(0, rows, 4096, [&](int64_t b, int64_t e) { k.backward_unit_finish(args, b, e); });
   return {dW, dM};
+}
+
+// N:M scores: one group of m values per task (the op layer checked n, m and the row length)
+at::Tensor nm_scores_cpu(const at::Tensor& aux, int64_t n, int64_t m) {
+  TORCH_CHECK_VALUE(aux.device().is_cpu(), "aux: expected a CPU tensor, got one on ", aux.device());
+  TORCH_CHECK_VALUE(1 <= n && n <= m && m <= AP_NM_MAX_M, "n, m: expected 1 <= n <= m <= ", AP_NM_MAX_M,
+                    ", got n=", n, ", m=", m);
+  TORCH_CHECK_VALUE(aux.numel() % m == 0, "aux: expected a multiple of m=", m, " entries, got ", aux.numel());
+  dtype_code(aux, "aux");
+  at::Tensor out = new_output(aux);
+  const int64_t groups = aux.numel() / m;
+  if (groups == 0) return out;
+  const at::Tensor a = aux.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "nm_scores_cpu", [&] {
+    using CT = at::opmath_type<scalar_t>;
+    const scalar_t* src = a.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const CT tiny = static_cast<CT>(std::numeric_limits<scalar_t>::min());
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / m), [&](int64_t b, int64_t e) {
+      CT v[AP_NM_MAX_M], r[AP_NM_MAX_M];
+      for (int64_t g = b; g < e; ++g) {
+        for (int64_t j = 0; j < m; ++j) v[j] = static_cast<CT>(src[g * m + j]);
+        ap_nm_group<CT>(v, r, static_cast<int>(n), static_cast<int>(m), tiny);
+        for (int64_t j = 0; j < m; ++j) dst[g * m + j] = static_cast<scalar_t>(r[j]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor nm_scores_meta(const at::Tensor& aux, int64_t, int64_t) {
+  return at::empty_symint(aux.sym_sizes(), aux.options());
 }
 
 struct AdamTensors {
@@ -367,6 +405,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
       "aux_adam_step_multi_(Tensor(a0!)[] aux, Tensor(a1!)[] exp_avg, Tensor(a2!)[] exp_avg_sq, Tensor?[] grads, "
       "Tensor?[] weights, SymInt[] steps, float[] penalty_scales, float lr, float beta1, float beta2, float eps, "
       "float rho, str surrogate, float alpha) -> ()");
+  m.def("nm_scores(Tensor aux, int n, int m) -> Tensor");
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);
   m.def("cpu_isas() -> str[]", &autoprune::cpu_isas);
   m.def("set_cpu_isa(str isa) -> str", &autoprune::set_cpu_isa);
@@ -375,6 +414,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
   m.impl("apply_mask", &autoprune::apply_mask_cpu);
+  m.impl("nm_scores", &autoprune::nm_scores_cpu);
   m.impl("mask_backward", &autoprune::mask_backward_cpu);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cpu);
@@ -382,6 +422,7 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, Meta, m) {
   m.impl("apply_mask", &autoprune::apply_mask_meta);
+  m.impl("nm_scores", &autoprune::nm_scores_meta);
   m.impl("mask_backward", &autoprune::mask_backward_meta);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_meta);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_meta);

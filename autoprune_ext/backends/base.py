@@ -73,6 +73,10 @@ class Backend:
     ) -> None:
         raise NotImplementedError
 
+    def nm_scores(self, aux: Tensor, n: int, m: int) -> Tensor:
+        """N:M scores of ``aux`` (:func:`autoprune_ext.reference.nm_scores`), a new contiguous tensor."""
+        raise NotImplementedError
+
     # -- composed ops (override for speed) ------------------------------------------------------------
     def aux_adam_step_multi_(
         self,

@@ -117,6 +117,11 @@ class CppBackend(Backend):
             return ref.apply_mask(weight, aux)
         return torch.ops.autoprune_cpp.apply_mask(weight, aux, "softplus", "sign", 0.1)
 
+    def nm_scores(self, aux: Tensor, n: int, m: int) -> Tensor:
+        if not self._ready(aux):
+            return ref.nm_scores(aux, n, m)
+        return torch.ops.autoprune_cpp.nm_scores(aux, n, m)
+
     def mask_backward(
         self, grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad
     ) -> Grads2:

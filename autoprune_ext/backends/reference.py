@@ -31,6 +31,9 @@ class ReferenceBackend(Backend):
             penalty_scale=penalty_scale, rho=rho, surrogate_name=surrogate, alpha=alpha,
         )
 
+    def nm_scores(self, aux: Tensor, n: int, m: int) -> Tensor:
+        return ref.nm_scores(aux, n, m)
+
     def masked_linear(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None) -> Tensor:
         return ref.masked_linear(input, weight, aux, bias)
 

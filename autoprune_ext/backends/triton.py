@@ -32,8 +32,9 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self) -> None:
-        from ..triton_kernels import _common, adam, elementwise, masked_matmul
+        from ..triton_kernels import _common, adam, elementwise, masked_matmul, nm
 
+        self._nm = nm
         self._common = _common
         self._ew = elementwise
         self._adam = adam
@@ -75,6 +76,9 @@ class TritonBackend(Backend):
     # -- elementwise primitives ---------------------------------------------------------------------
     def apply_mask(self, weight: Tensor, aux: Tensor) -> Tensor:
         return self._ew.apply_mask(weight, aux)
+
+    def nm_scores(self, aux: Tensor, n: int, m: int) -> Tensor:
+        return self._nm.nm_scores(aux, n, m)
 
     def mask_backward(self, grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad) -> Grads2:
         return self._ew.mask_backward(grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad)

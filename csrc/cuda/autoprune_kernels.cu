@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "../nm_group.h"
 #include "autoprune_kernels.h"
 
 namespace {
@@ -431,6 +432,21 @@ unsigned int grid_for(int64_t items) {
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+// ------------------------------------------------------------------------------------------------
+// nm_scores: one thread per group (m <= 32 values in registers); a grid-stride loop over groups
+// ------------------------------------------------------------------------------------------------
+template <typename T, typename CT>
+__global__ void __launch_bounds__(kThreads) nm_scores_kernel(const T* __restrict__ aux, T* __restrict__ out,
+                                                             int64_t groups, int n, int m, CT tiny) {
+  CT v[AP_NM_MAX_M], r[AP_NM_MAX_M];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    for (int j = 0; j < m; ++j) v[j] = static_cast<CT>(widen(aux[g * m + j]));
+    ap_nm_group<CT>(v, r, n, m, tiny);
+    for (int j = 0; j < m; ++j) put(&out[g * m + j], r[j]);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -577,5 +593,34 @@ int ap_cuda_adam_multi(const ap_adam_tensor* ts, int count, const ap_adam_hyper*
 }
 
 const char* ap_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int ap_cuda_nm_scores(const void* aux, int aux_dt, void* out, int64_t groups, int n, int m, void* stream) {
+  if (groups <= 0) return 0;
+  if (n < 1 || n > m || m > AP_NM_MAX_M) return static_cast<int>(cudaErrorInvalidValue);
+  const unsigned int blocks = grid_for(groups);
+  cudaStream_t s = as_stream(stream);
+  switch (aux_dt) {
+    case AP_F64:
+      nm_scores_kernel<double, double><<<blocks, kThreads, 0, s>>>(static_cast<const double*>(aux),
+                                                                  static_cast<double*>(out), groups, n, m,
+                                                                  2.2250738585072014e-308);
+      break;
+    case AP_F32:
+      nm_scores_kernel<float, float><<<blocks, kThreads, 0, s>>>(static_cast<const float*>(aux),
+                                                                static_cast<float*>(out), groups, n, m,
+                                                                1.17549435e-38f);
+      break;
+    case AP_BF16:
+      nm_scores_kernel<__nv_bfloat16, float><<<blocks, kThreads, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(aux), static_cast<__nv_bfloat16*>(out), groups, n, m, 1.17549435e-38f);
+      break;
+    default:
+      nm_scores_kernel<__half, float><<<blocks, kThreads, 0, s>>>(static_cast<const __half*>(aux),
+                                                                 static_cast<__half*>(out), groups, n, m,
+                                                                 6.103515625e-05f);
+      break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 }  // extern "C"

@@ -77,6 +77,11 @@ int ap_cuda_adam(const ap_adam_tensor* t, const ap_adam_hyper* h, void* stream);
  * every tensor's compute_f64 must be equal (the binding groups them). */
 int ap_cuda_adam_multi(const ap_adam_tensor* ts, int count, const ap_adam_hyper* h, void* stream);
 
+/* N:M scores (autoprune_ext.reference.nm_scores): one thread per group of m (1 <= n <= m <= 32)
+ * consecutive entries of aux (dtype aux_dt); out has aux's dtype and size groups * m; computed in
+ * float32, float64 for AP_F64. */
+int ap_cuda_nm_scores(const void* aux, int aux_dt, void* out, int64_t groups, int n, int m, void* stream);
+
 /* cudaGetErrorString of a launcher's return value. */
 const char* ap_cuda_error_string(int code);
 

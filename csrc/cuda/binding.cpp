@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../nm_group.h"
 #include "../ops_common.h"
 #include "autoprune_kernels.h"
 
@@ -39,6 +40,21 @@ at::Tensor apply_mask_cuda(const at::Tensor& weight, const at::Tensor& aux, c10:
                                   dtype_code(a, "aux"), out.mutable_data_ptr(), numel,
                                   unit ? numel / weight.size(0) : 0, current_stream(weight)),
                "apply_mask");
+  return out;
+}
+
+at::Tensor nm_scores_cuda(const at::Tensor& aux, int64_t n, int64_t m) {
+  TORCH_CHECK_VALUE(aux.is_cuda(), "aux: expected a CUDA tensor, got one on ", aux.device());
+  TORCH_CHECK_VALUE(1 <= n && n <= m && m <= AP_NM_MAX_M, "n, m: expected 1 <= n <= m <= ", AP_NM_MAX_M,
+                    ", got n=", n, ", m=", m);
+  TORCH_CHECK_VALUE(aux.numel() % m == 0, "aux: expected a multiple of m=", m, " entries, got ", aux.numel());
+  const c10::cuda::CUDAGuard guard(aux.device());
+  at::Tensor out = empty_like_contiguous(aux);
+  if (aux.numel() == 0) return out;
+  const at::Tensor a = aux.contiguous();
+  check_launch(ap_cuda_nm_scores(a.const_data_ptr(), dtype_code(a, "aux"), out.mutable_data_ptr(), a.numel() / m,
+                                 static_cast<int>(n), static_cast<int>(m), current_stream(aux)),
+               "nm_scores");
   return out;
 }
 
@@ -168,6 +184,7 @@ void aux_adam_step_multi_cuda(at::TensorList aux, at::TensorList exp_avg, at::Te
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, CUDA, m) {
   m.impl("apply_mask", &autoprune::apply_mask_cuda);
+  m.impl("nm_scores", &autoprune::nm_scores_cuda);
   m.impl("mask_backward", &autoprune::mask_backward_cuda);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cuda);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cuda);
