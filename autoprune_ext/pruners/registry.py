@@ -8,6 +8,7 @@ from .base import Pruner
 from .ft import FTPruner
 from .pfp import PFPPruner
 from .sipp import SiPPPruner
+from .wanda import WandaPruner
 from .wt import WTPruner
 
 #: registered pruner classes by (lower-case) name
@@ -16,6 +17,7 @@ PRUNERS: dict[str, type[Pruner]] = {
     "sipp": SiPPPruner,
     "ft": FTPruner,
     "pfp": PFPPruner,
+    "wanda": WandaPruner,
 }
 
 
