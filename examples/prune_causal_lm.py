@@ -12,7 +12,7 @@ Steps:
    slice of the training part (bi-level), weight steps on the rest;
 3. finalize (zeros baked in) and the perplexity of dense, AutoPrune, and one-shot global magnitude
    pruning at the density AutoPrune reached, each without and with the same number of fine-tuning
-   steps (mask fixed), all on the held-out text.
+   steps (mask fixed), and of the dense model trained for as many steps in all, on the held-out text.
 
 Every number printed is measured in the run; ``--out`` writes them as JSON.
 """
@@ -105,7 +105,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = make_model(args)
     train_dense(model, train, args.dense_steps, args.batch, args.lr, args.seed)
     dense = copy.deepcopy(model)
+    import platform
+
+    import transformers
+
     result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "text_file": str(args.text_file), "bytes": raw.numel(), "heldout_bytes": test_bytes.numel(),
         "model": {"hidden": args.hidden, "layers": args.layers, "context": args.context,
                   "parameters": sum(p.numel() for p in model.parameters())},
@@ -137,6 +143,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["ppl_magnitude_oneshot"] = perplexity(magnitude, test)
     train_dense(magnitude, train, args.prune_steps, args.batch, args.lr / 3, args.seed + 7)
     result["ppl_magnitude_finetuned"] = perplexity(magnitude, test)
+    # the dense model trained for as many steps as the pruned ones got in all (prune + fine-tune)
+    longer = copy.deepcopy(dense)
+    train_dense(longer, train, 2 * args.prune_steps, args.batch, args.lr / 3, args.seed + 11)
+    result["ppl_dense_same_budget"] = perplexity(longer, test)
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -168,8 +178,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     result = run(args)
-    for key in ("ppl_dense", "ppl_autoprune", "ppl_autoprune_finetuned", "ppl_magnitude_oneshot",
-                "ppl_magnitude_finetuned"):
+    for key in ("ppl_dense", "ppl_dense_same_budget", "ppl_autoprune", "ppl_autoprune_finetuned",
+                "ppl_magnitude_oneshot", "ppl_magnitude_finetuned"):
         print(f"{key:>24}: {result[key]:.3f}")
     print(f"{'density_autoprune':>24}: {result['density_autoprune']:.4f}")
     if args.out is not None:

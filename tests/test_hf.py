@@ -265,8 +265,8 @@ def test_causal_lm_example_smoke(tmp_path):
                            "--hidden", "32", "--context", "32", "--batch", "4", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == result
-    for key in ("ppl_dense", "ppl_autoprune", "ppl_autoprune_finetuned", "ppl_magnitude_oneshot",
-                "ppl_magnitude_finetuned"):
+    for key in ("ppl_dense", "ppl_dense_same_budget", "ppl_autoprune", "ppl_autoprune_finetuned",
+                "ppl_magnitude_oneshot", "ppl_magnitude_finetuned"):
         assert 1.0 < result[key] < 1e4, key
     assert 0.0 < result["density_autoprune"] <= 1.0
     with pytest.raises(SystemExit):
