@@ -75,6 +75,8 @@ class AutoPruneConfig:
     aux_betas: tuple[float, float] = (0.9, 0.999)
     penalty: float | dict[str, float] = field(default_factory=lambda: {"linear": 0.4, "conv": 0.2})
     penalty_mode: str = "mean"
+    #: AuxAdam storage: "standard" or "bf16_sr" (bfloat16 aux and moments, stochastic rounding)
+    aux_memory: str = "standard"
     rho: float = 1e-3
     inv_abs_weight: bool = False
     surrogate: str = "softplus"
@@ -208,7 +210,8 @@ class AutoPrune:
                     "or sharding it with fully_shard"
                 )
             module = model = convert(model, granularity=cfg.granularity, init=cfg.mask_init,
-                                     surrogate=cfg.surrogate, rule=cfg.rule, alpha=cfg.alpha)
+                                     surrogate=cfg.surrogate, rule=cfg.rule, alpha=cfg.alpha,
+                                     aux_dtype=torch.bfloat16 if cfg.aux_memory == "bf16_sr" else None)
         #: the model as given (possibly DDP-wrapped) and the module inside it (names, state dicts)
         self.model, self.module = model, module
         layers = list(masked_modules(module))
@@ -219,7 +222,8 @@ class AutoPrune:
         self._layer_targets = self._match_layer_targets(cfg.layer_target_density or {})
         self.aux_optimizer = AuxAdam.from_model(
             module, lr=cfg.lr_aux, betas=cfg.aux_betas, penalty=cfg.penalty, penalty_mode=cfg.penalty_mode,
-            rho=cfg.rho, inv_abs_weight=cfg.inv_abs_weight, per_layer=self._layer_targets,
+            rho=cfg.rho, inv_abs_weight=cfg.inv_abs_weight, per_layer=self._layer_targets, memory=cfg.aux_memory,
+            sr_seed=cfg.seed,
         )
         if cfg.target_density is not None or self._layer_targets:
             for group in self.aux_optimizer.param_groups:  # a controller needs a positive start

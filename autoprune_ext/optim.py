@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +21,8 @@ Penalty = float | Mapping[str, float]
 
 #: how a group's ``lambda`` becomes the per-entry penalty scale (see :class:`AuxAdam`)
 PENALTY_MODES: tuple[str, ...] = ("mean", "relative")
+#: storage of the aux and its Adam moments (see :class:`AuxAdam`)
+MEMORY_MODES: tuple[str, ...] = ("standard", "bf16_sr")
 
 
 class AuxAdam(torch.optim.Optimizer):
@@ -41,6 +45,17 @@ class AuxAdam(torch.optim.Optimizer):
       ``lambda`` is then the penalty's size in units of the task gradient's: ``lambda = 0.1`` pulls
       every entry down with a tenth of a typical task gradient whatever the layer's size, which is
       what Adam compares entry by entry. Use it for large models; ``0.05``-``1`` is the useful range.
+
+    Memory (``memory``; training bytes per masked weight, aux + its gradient + the two moments):
+
+    * ``"standard"``: fused kernels; moments in float32 (float64 for a float64 aux). 16 bytes with a
+      float32 aux. A bfloat16/float16 aux works but silently stalls: an Adam update under half an
+      ulp of ``M`` rounds away (a warning says so once).
+    * ``"bf16_sr"``: aux and both moments in bfloat16, every write rounded *stochastically* (to one
+      of the two neighbouring bfloat16 values, with probabilities that make it exact on average), so
+      small updates accumulate instead of vanishing: 8 bytes. The noise is a function of
+      ``(sr_seed, step, parameter index)``, so a resumed run repeats it exactly. The aux must be
+      bfloat16 (``convert(..., aux_dtype=torch.bfloat16)``); runs in PyTorch, not the fused kernels.
 
     A group may also hold ``layer_scale``: one multiplier per parameter (default ``1.0``), which the
     trainer uses to switch the penalty off for a layer at its density floor.
@@ -78,6 +93,8 @@ class AuxAdam(torch.optim.Optimizer):
         alpha: float = 0.1,
         foreach: bool = True,
         weights: Mapping[Tensor, Tensor] | None = None,
+        memory: str = "standard",
+        sr_seed: int = 0,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr: expected a non-negative float, got {lr}")
@@ -86,7 +103,9 @@ class AuxAdam(torch.optim.Optimizer):
         if not eps >= 0.0:
             raise ValueError(f"eps: expected a non-negative float, got {eps}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, penalty=penalty, penalty_mode=penalty_mode, rho=rho,
-                        inv_abs_weight=inv_abs_weight, surrogate=surrogate, alpha=alpha, foreach=foreach)
+                        inv_abs_weight=inv_abs_weight, surrogate=surrogate, alpha=alpha, foreach=foreach,
+                        memory=memory, sr_seed=sr_seed)
+        self._warned_low_precision = False
         super().__init__(params, defaults)
         # aux -> weight, outside the param groups so that state_dict never stores weight tensors
         self.weights: dict[Tensor, Tensor] = dict(weights or {})
@@ -99,6 +118,15 @@ class AuxAdam(torch.optim.Optimizer):
             raise ValueError(f"penalty: expected a non-negative float, got {group['penalty']!r}")
         if not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
             raise ValueError(f"rho: expected a non-negative float, got {group['rho']!r}")
+        if group["memory"] not in MEMORY_MODES:
+            raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {group['memory']!r}")
+        if group["memory"] == "bf16_sr":
+            wrong = [tuple(p.shape) for p in group["params"] if p.dtype != torch.bfloat16]
+            if wrong:
+                raise TypeError(f"memory: 'bf16_sr' needs bfloat16 aux tensors "
+                                f"(convert(..., aux_dtype=torch.bfloat16)); got other dtypes for shapes {wrong}")
+        if not isinstance(group["sr_seed"], int):
+            raise TypeError(f"sr_seed: expected an int, got {type(group['sr_seed']).__name__}")
         if group["penalty_mode"] not in PENALTY_MODES:
             raise ValueError(f"penalty_mode: expected one of {PENALTY_MODES}, got {group['penalty_mode']!r}")
         scales = group.setdefault("layer_scale", [1.0] * len(group["params"]))
@@ -128,6 +156,8 @@ class AuxAdam(torch.optim.Optimizer):
         inv_abs_weight: bool = False,
         foreach: bool = True,
         per_layer: Iterable[str] = (),
+        memory: str = "standard",
+        sr_seed: int = 0,
     ) -> AuxAdam:
         """One optimiser over every masked layer of ``model``, grouped by penalty.
 
@@ -156,7 +186,7 @@ class AuxAdam(torch.optim.Optimizer):
         if not groups:
             raise ValueError("model: has no masked layers; call autoprune_ext.convert(model) first")
         return cls(list(groups.values()), lr, betas, eps, penalty_mode=penalty_mode, rho=rho,
-                   inv_abs_weight=inv_abs_weight, foreach=foreach, weights=weights)
+                   inv_abs_weight=inv_abs_weight, foreach=foreach, weights=weights, memory=memory, sr_seed=sr_seed)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -215,6 +245,8 @@ class AuxAdam(torch.optim.Optimizer):
                     state = self.state[p]
                     if not state:
                         moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                        if group["memory"] == "bf16_sr":
+                            moment_dtype = torch.bfloat16
                         state["step"] = 0
                         state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
@@ -229,6 +261,21 @@ class AuxAdam(torch.optim.Optimizer):
                     pscales.append(scale)
                 args = (group["lr"], beta1, beta2, group["eps"])
                 tail = (group["rho"], group["surrogate"], float(group["alpha"]))
+                if group["memory"] == "bf16_sr":
+                    index = {id(q): i for i, q in enumerate(group["params"])}
+                    for i, (p, _) in enumerate(params):
+                        seed = _sr_seed(group["sr_seed"], steps[i], self.param_groups.index(group), index[id(p)])
+                        _sr_adam_step_(auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, pscales[i],
+                                       *tail, seed=seed)
+                    continue
+                if not self._warned_low_precision and any(a.dtype in (torch.bfloat16, torch.float16) for a in auxes):
+                    self._warned_low_precision = True
+                    warnings.warn(
+                        "AuxAdam: a bfloat16/float16 aux is stepped with memory='standard': Adam updates under half "
+                        "an ulp of the aux are lost (the masks stall). Use memory='bf16_sr' (stochastic rounding) "
+                        "or a float32 aux.",
+                        stacklevel=2,
+                    )
                 if group["foreach"]:
                     torch.ops.autoprune.aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales, *args, *tail)
                 else:
@@ -245,6 +292,40 @@ class AuxAdam(torch.optim.Optimizer):
     def density(self) -> float:
         """Fraction of kept entries over all auxiliary tensors of this optimiser."""
         return float(ref.density([p for g in self.param_groups for p in g["params"]]))
+
+
+def _sr_seed(seed: int, step: int, group: int, index: int) -> int:
+    """A 63-bit seed for one tensor's rounding noise at one step: reproducible on resume."""
+    return (seed * 1_000_003 + step * 10_007 + group * 101 + index) % (2**63 - 1)
+
+
+def stochastic_round_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``x`` (float32) rounded to bfloat16 stochastically: up with probability equal to the fraction of
+    the gap to the next bfloat16 value, so ``E[round(x)] = x``. NaN and inf pass through."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    # sign-magnitude: adding to the low 16 bits of the magnitude then truncating rounds |x| up with
+    # probability (low bits) / 2^16, for either sign
+    rounded = ((bits + noise) & -65536).view(torch.float32)
+    rounded = torch.where(torch.isfinite(x), rounded, x.float())
+    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+def _sr_adam_step_(aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor | None, weight: Tensor | None,
+                   step: int, lr: float, beta1: float, beta2: float, eps: float, penalty_scale: float, rho: float,
+                   surrogate: str, alpha: float, *, seed: int) -> None:
+    """The reference Adam step of ``aux`` (:func:`autoprune_ext.reference.aux_adam_step_`) computed in
+    float32, with aux and moments written back with stochastic rounding."""
+    g = ref.penalty_grad(aux, penalty_scale, rho, surrogate, alpha, weight).float()
+    if grad is not None:
+        g = g + grad.float()
+    m1 = exp_avg.float().mul(beta1).add_(g, alpha=1 - beta1)
+    m2 = exp_avg_sq.float().mul(beta2).addcmul_(g, g, value=1 - beta2)
+    new = aux.float() - (lr / (1 - beta1**step)) * m1 / (m2.sqrt() / math.sqrt(1 - beta2**step) + eps)
+    gen = torch.Generator(device=aux.device).manual_seed(seed)
+    exp_avg.copy_(stochastic_round_bf16(m1, gen))
+    exp_avg_sq.copy_(stochastic_round_bf16(m2, gen).clamp_min(0))
+    aux.copy_(stochastic_round_bf16(new, gen))
 
 
 def _global_sum(values: list[Tensor], like: list[Tensor]) -> Tensor:
