@@ -73,17 +73,22 @@ def half(batch: Batch) -> Batch:
 
 def dense_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3))
+    return nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
 def masked_mlp(seed: int = 0) -> nn.Module:
-    # aux around 0.05: some entries start pruned and others cross zero within a few steps
-    return ap.convert(dense_mlp(seed), init=(0.05, 0.03))
+    # aux around 0.05: some entries start pruned and others cross zero within a few steps. One layer
+    # of each granularity; 7 and 3 rows shard unevenly over 2 ranks (rows, and so 2:4 groups, stay whole)
+    model = dense_mlp(seed)
+    ap.convert(model, include=["0"], init=(0.05, 0.03))
+    ap.convert(model, include=["2"], granularity="unit", init=(0.05, 0.03))
+    ap.convert(model, include=["4"], granularity="2:4", init=(0.05, 0.03))
+    return model
 
 
 def shard(model: nn.Module) -> nn.Module:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in (model[0], model[2]):
+    for layer in (model[0], model[2], model[4]):
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
