@@ -277,6 +277,17 @@ def cpu_description() -> dict:
     }
 
 
+def timed_round(fns: dict[str, Callable[[], object]], times: dict[str, list[float]], r: int) -> None:
+    """Round ``r`` of interleaved timing: every callable once, the order rotated by ``r``; seconds
+    appended to ``times[name]``."""
+    names = list(fns)
+    k = r % len(names)
+    for name in names[k:] + names[:k]:
+        t0 = time.perf_counter()
+        fns[name]()
+        times[name].append(time.perf_counter() - t0)
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], *, min_s: float = 1.0, min_reps: int = 5,
                      max_reps: int = 15) -> dict[str, float]:
     """Median ms of each callable, timed in interleaved rounds (the order rotates every round).
@@ -293,11 +304,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, min_s: float = 1.0
     start = time.perf_counter()
     r = 0
     while True:
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+        timed_round(fns, times, r)
         r += 1
         if r >= max_reps or (r >= min_reps and time.perf_counter() - start >= min_s * len(names)):
             break

@@ -1,0 +1,635 @@
+"""Full training step benchmark: masked layers against dense layers and PyTorch's own pruning.
+
+One *step* is forward, backward (``out.backward(g)`` with a fixed ``g``; the input requires grad, as an
+interior layer's does, so dX is computed), the weight optimiser step (``torch.optim.Adam`` over every
+parameter but the aux tensors), the aux step (:class:`autoprune_ext.optim.AuxAdam`, masked models only)
+and ``zero_grad(set_to_none=True)``. Implementations, each a fresh copy of the same seeded model:
+
+* ``dense``               -- the plain model (Adam);
+* ``masked_<backend>``    -- ``autoprune_ext.convert(model)`` run under ``backends.use(<backend>)`` for
+  ``reference`` and ``cpp``, and ``triton`` on CUDA only (on CPU its interpreter is far too slow: skipped,
+  with the reason recorded);
+* ``torch_prune_l1``      -- ``torch.nn.utils.prune.l1_unstructured(amount=0.5)`` on every Linear / Conv2d:
+  the mask is fixed, only the weights step;
+* ``torch_ao_sparsifier`` -- ``torch.ao.pruning.WeightNormSparsifier`` (unstructured, 50%) ``prepare`` +
+  one ``step()``: a fixed parametrization mask, only the weights step (where the API cannot handle a
+  layer, the error is recorded);
+* ``<impl>+compile``      -- MLP case: ``torch.compile(model)`` (forward + backward), optimisers eager,
+  for dense and the masked model; the ratio is to the compiled dense step.
+
+Cases: ``mlp`` (one 1024x1024 Linear, 4096 tokens), ``conv`` (64->64 3x3 on a 32x64x32x32 batch),
+``transformer`` (pre-LN block built from nn.Linear: d=512, 4 heads, MLP 2048, seq 256, batch 8), and on
+CUDA only ``mlp_4096`` (4096x4096, 16k tokens, bf16). Plus ``apply_mask`` forward + backward at 16M
+elements, cpp against reference. All impls of one case and dtype are timed in interleaved rounds whose
+order rotates (as in ``bench_cpp``); median and IQR over rounds.
+
+``python benchmarks/bench_step.py --out benchmarks/results/step_cpu_vm.json [--quick]`` measures and writes
+the JSON; ``--markdown FILE.json`` prints its Markdown table. ``pytest benchmarks/bench_step.py`` runs a
+tiny smoke of every implementation and of the writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __name__ == "__main__":  # script mode: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import autoprune_ext as ap  # noqa: E402
+from autoprune_ext import _build, backends  # noqa: E402
+from autoprune_ext.optim import AuxAdam  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EAGER_IMPLS = ("dense", "masked_reference", "masked_cpp", "masked_triton", "torch_prune_l1", "torch_ao_sparsifier")
+COMPILED_IMPLS = ("dense+compile", "masked_cpp+compile", "masked_triton+compile")
+LOAD_NOTE_ABOVE = 1.5
+TRITON_CPU_SKIP = "CPU: the Triton interpreter (TRITON_INTERPRET=1) is far too slow for a training-step benchmark"
+
+
+class Skip(Exception):
+    """An implementation that cannot run here; the message is the recorded reason."""
+
+
+# --------------------------------------------------------------------------------------------------
+# models and cases
+# --------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-LN transformer block from nn.Linear (qkv, proj, fc1, fc2), causal SDPA, GELU MLP."""
+
+    def __init__(self, d: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    desc: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    cuda_only: bool = False
+    compiled: bool = False
+
+
+def cases(tiny: bool = False) -> list[Case]:
+    """The benchmark cases; ``tiny`` shrinks every shape for the smoke test."""
+    if tiny:
+        return [
+            Case("mlp", "Linear 32x32, 64 tokens", lambda: nn.Linear(32, 32), (64, 32), compiled=True),
+            Case("conv", "Conv2d 4->4 3x3, batch 2x4x8x8", lambda: nn.Conv2d(4, 4, 3, padding=1), (2, 4, 8, 8)),
+            Case("transformer", "block d=32, 2 heads, MLP 64, seq 8, batch 2", lambda: Block(32, 2, 64), (2, 8, 32)),
+            Case("mlp_4096", "Linear 64x64, 128 tokens", lambda: nn.Linear(64, 64), (128, 64), ("bf16",), True),
+        ]
+    return [
+        Case("mlp", "Linear 1024x1024, 4096 tokens", lambda: nn.Linear(1024, 1024), (4096, 1024), compiled=True),
+        Case("conv", "Conv2d 64->64 3x3 pad 1, batch 32x64x32x32", lambda: nn.Conv2d(64, 64, 3, padding=1),
+             (32, 64, 32, 32)),
+        Case("transformer", "pre-LN block d=512, 4 heads, MLP 2048, seq 256, batch 8", lambda: Block(512, 4, 2048),
+             (8, 256, 512)),
+        Case("mlp_4096", "Linear 4096x4096, 16384 tokens", lambda: nn.Linear(4096, 4096), (16384, 4096), ("bf16",),
+             cuda_only=True),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# one training step per implementation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    fn: Callable[[], None]
+    state_bytes: int
+    note: str = ""
+    compile_s: float | None = None
+    keep: list[Any] = field(default_factory=list)  # objects the closure needs alive
+
+
+def _prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+def _state_bytes(model: nn.Module, opts: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes of everything a step keeps between steps: parameters, buffers, optimiser states."""
+    seen: dict[int, int] = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    for opt in opts:
+        for st in opt.state.values():
+            tensors += [v for v in st.values() if isinstance(v, Tensor)]
+    for t in tensors:
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def _sparsify_ao(model: nn.Module) -> str:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    sp = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1), zeros_per_block=1)
+    layers = _prunable(model)
+    sp.prepare(model, [{"tensor_fqn": f"{n}.weight" if n else "weight"} for n, _ in layers])
+    sp.step()
+    cast = False
+    for _, m in layers:
+        for p in m.parametrizations.weight:
+            if p.mask.dtype != m.parametrizations.weight.original.dtype:  # fp32 mask would promote a bf16 weight
+                p.mask = p.mask.to(m.parametrizations.weight.original.dtype)
+                cast = True
+    return "WeightNormSparsifier(0.5, block 1x1) prepare + one step(): mask fixed, weight step only" + (
+        "; its fp32 mask buffer cast to the weight dtype (else bf16 F.linear fails on mixed dtypes)" if cast else "")
+
+
+def availability(impl: str, device: torch.device) -> str | None:
+    """``None`` if ``impl`` can run on ``device``, else the reason it is skipped."""
+    base = impl.removesuffix("+compile")
+    if base.startswith("masked_"):
+        name = base.removeprefix("masked_")
+        if name == "triton" and device.type == "cpu":
+            return TRITON_CPU_SKIP
+        ok, why = backends.availability(name, device.type)
+        return None if ok else f"backend {name!r}: {why}"
+    return None
+
+
+def make_step(case: Case, impl: str, dtype: torch.dtype, device: torch.device, *,
+              compile_backend: str = "inductor") -> Step:
+    """A ready (warmed-up: two steps done) training step of ``impl`` on ``case``; raises Skip."""
+    why = availability(impl, device)
+    if why is not None:
+        raise Skip(why)
+    base, compiled = impl.removesuffix("+compile"), impl.endswith("+compile")
+    torch.manual_seed(0)
+    model = case.build().to(device=device, dtype=dtype)
+    x = torch.randn(case.input_shape, device=device, dtype=dtype, requires_grad=True)
+    aux_opt: AuxAdam | None = None
+    aux_ids: set[int] = set()
+    backend: str | None = None
+    note = ""
+    if base.startswith("masked_"):
+        backend = base.removeprefix("masked_")
+        model = ap.convert(model)  # a bare layer comes back as a new one
+        aux_ids = {id(m.weight_aux) for _, m in ap.masked_modules(model)}
+        aux_opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1)
+    elif base == "torch_prune_l1":
+        import torch.nn.utils.prune as prune
+
+        for _, m in _prunable(model):
+            prune.l1_unstructured(m, "weight", amount=0.5)
+        note = "l1_unstructured(0.5) once: mask fixed, weight step only"
+    elif base == "torch_ao_sparsifier":
+        try:
+            note = _sparsify_ao(model)
+        except Exception as exc:  # the API is missing or rejects this layer type
+            raise Skip(f"torch.ao.pruning.WeightNormSparsifier: {type(exc).__name__}: {str(exc)[:160]}") from exc
+    elif base != "dense":
+        raise ValueError(f"impl: unknown {impl!r}")
+    w_opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in aux_ids], lr=1e-4)
+    opts: list[torch.optim.Optimizer] = [w_opt] + ([aux_opt] if aux_opt is not None else [])
+    fwd = torch.compile(model, backend=compile_backend) if compiled else model
+    with torch.no_grad():
+        g = torch.randn_like(model(x))  # eager: the shape only
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        with backends.use(backend) if backend is not None else contextlib.nullcontext():
+            fwd(x).backward(g)
+            for opt in opts:
+                opt.step()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            x.grad = None
+        sync()
+
+    t0 = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t0
+    step()
+    return Step(step, _state_bytes(model, opts), note, round(first_s, 2) if compiled else None, [model, fwd, x, g])
+
+
+# --------------------------------------------------------------------------------------------------
+# timing and memory
+# --------------------------------------------------------------------------------------------------
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each callable over ``rounds`` rounds; the order rotates every round.
+
+    Callers warm up first. Interleaving spreads machine noise (other jobs, page-fault state) over
+    every implementation instead of biasing whichever runs during a noisy stretch.
+    """
+    from bench_cpp import timed_round  # same directory: the one rotation rule of both benchmarks
+
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(rounds):
+        timed_round(fns, times, r)
+    return times
+
+
+def summary_ms(ts: list[float]) -> tuple[float, float, float, float]:
+    """(median, IQR, q1, q3) in ms."""
+    ms = [t * 1e3 for t in ts]
+    if len(ms) < 2:
+        return ms[0], 0.0, ms[0], ms[0]
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    return statistics.median(ms), q3 - q1, q1, q3
+
+
+def _status_kib(key: str) -> int | None:
+    from bench_cpp import _status_kib as status_kib  # one /proc/self/status reader for both benchmarks
+
+    return status_kib(key)
+
+
+_libc: Any = None
+
+
+def _malloc(trim: bool = True, exact: bool = False) -> None:
+    """glibc: ``exact`` maps every block >= 128 KiB separately (freed at once, so RSS follows live
+    memory); ``trim`` returns free heap pages to the kernel (reused ones then count as new)."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        if exact:
+            _libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
+            _libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        if trim:
+            _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory one step adds on top of what is held between steps (max of two steps).
+
+    CUDA: ``max_memory_allocated`` above ``memory_allocated``. CPU (Linux): VmHWM above VmRSS after
+    trimming the heap (``/proc/self/clear_refs`` resets the high-water mark).
+    """
+    peaks: list[float] = []
+    for _ in range(2):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+            continue
+        _malloc()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return None
+        before = _status_kib("VmRSS")
+        fn()
+        peak = _status_kib("VmHWM")
+        if before is None or peak is None:
+            return None
+        peaks.append(max(peak - before, 0) / 1024)
+    return round(max(peaks), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------------
+def measure_steps(case_list: list[Case], device: torch.device, rounds: int, *, compile_backend: str = "inductor",
+                  log: Callable[[str], None] = print) -> tuple[list[dict], list[dict], dict[tuple, Step]]:
+    """Rows (timings; memory filled in by :func:`measure_memory`), skipped entries, and the steps."""
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    steps: dict[tuple, Step] = {}
+    for case in case_list:
+        if case.cuda_only and device.type != "cuda":
+            skipped.append({"case": case.name, "dtype": ",".join(case.dtypes), "impl": "*",
+                            "reason": "CUDA only (shape too large for a CPU step benchmark)"})
+            continue
+        for dname in case.dtypes:
+            groups = [EAGER_IMPLS] + ([COMPILED_IMPLS] if case.compiled else [])
+            for impls in groups:
+                group: dict[str, Step] = {}
+                for impl in impls:
+                    try:
+                        group[impl] = make_step(case, impl, DTYPES[dname], device, compile_backend=compile_backend)
+                    except Skip as exc:
+                        skipped.append({"case": case.name, "dtype": dname, "impl": impl, "reason": str(exc)})
+                gc.collect()
+                times = interleaved({k: s.fn for k, s in group.items()}, rounds)
+                base = "dense+compile" if impls is COMPILED_IMPLS else "dense"
+                dense_ms = statistics.median(times[base]) * 1e3 if base in times else None
+                for impl, st in group.items():
+                    med, iqr, q1, q3 = summary_ms(times[impl])
+                    rows.append({
+                        "case": case.name, "shape": case.desc, "impl": impl, "dtype": dname,
+                        "compiled": impl.endswith("+compile"), "ms_median": round(med, 3), "ms_iqr": round(iqr, 3),
+                        "ms_q1": round(q1, 3), "ms_q3": round(q3, 3), "rounds": len(times[impl]),
+                        "ratio_to_dense": round(med / dense_ms, 3) if dense_ms else None,
+                        "peak_extra_MB": None, "state_MB": round(st.state_bytes / 2**20, 3),
+                        "compile_s": st.compile_s, "note": st.note,
+                    })
+                    steps[(case.name, dname, impl)] = st
+                    r = rows[-1]
+                    log(f"{case.name:12s} {dname} {impl:22s} {r['ms_median']:9.2f} ms  IQR {r['ms_iqr']:7.2f}  "
+                        f"x{r['ratio_to_dense']}")
+    return rows, skipped, steps
+
+
+def measure_memory(rows: list[dict], steps: dict[tuple, Step], device: torch.device) -> None:
+    """Fills ``peak_extra_MB`` of every row (run last on CPU: it changes malloc's settings)."""
+    if device.type == "cpu":
+        _malloc(exact=True)
+    for r in rows:
+        r["peak_extra_MB"] = peak_extra_mb(steps[(r["case"], r["dtype"], r["impl"])].fn, device)
+
+
+def apply_mask_micro(numel: int, device: torch.device, rounds: int) -> list[dict]:
+    """``functional.apply_mask(W, M)`` forward + backward (dW and dM), cpp against reference, interleaved."""
+    ok, why = backends.availability("cpp", device.type)
+    if not ok:
+        return [{"numel": numel, "dtype": d, "skipped": f"cpp: {why}"} for d in DTYPES]
+    out = []
+    rows_n = 4096 if numel % 4096 == 0 else 1
+    for dname, dtype in DTYPES.items():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(rows_n, numel // rows_n, generator=gen).to(device, dtype).requires_grad_()
+        m = torch.randn(rows_n, numel // rows_n, generator=gen).to(device).requires_grad_()
+        g = torch.randn(w.shape, generator=gen).to(device, dtype)
+
+        def run(name: str) -> Callable[[], None]:
+            def fn() -> None:
+                with backends.use(name):
+                    ap.functional.apply_mask(w, m).backward(g)
+                w.grad = m.grad = None
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            return fn
+
+        fns = {"reference": run("reference"), "cpp": run("cpp")}
+        for f in fns.values():
+            f(), f()
+        times = interleaved(fns, rounds)
+        ref_ms, cpp_ms = (summary_ms(times[k]) for k in ("reference", "cpp"))
+        out.append({"numel": numel, "dtype": dname, "reference_ms": round(ref_ms[0], 3),
+                    "reference_iqr": round(ref_ms[1], 3), "cpp_ms": round(cpp_ms[0], 3),
+                    "cpp_iqr": round(cpp_ms[1], 3), "speedup": round(ref_ms[0] / cpp_ms[0], 2)})
+    return out
+
+
+def profile(steps: dict[str, Step], n: int = 3, top: int = 12) -> dict[str, dict]:
+    """Top ops by self CPU time (torch.profiler) per step of each named step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    out: dict[str, dict] = {}
+    for name, st in steps.items():
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                st.fn()
+            wall = (time.perf_counter() - t0) / n
+        ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        out[name] = {
+            "wall_ms_per_step_profiled": round(wall * 1e3, 2),
+            "self_cpu_ms_per_step_total": round(sum(e.self_cpu_time_total for e in ev) / 1e3 / n, 2),
+            "top_ops": [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / n, 3),
+                         "calls": round(e.count / n, 2)} for e in ev[:top]],
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------------
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", s).strip("_").lower() or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return _slug(torch.cuda.get_device_name(device))
+    return "cpu_" + _slug(platform.node() or "host")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        tv: str | None = triton.__version__
+    except Exception as exc:
+        tv = f"unavailable ({type(exc).__name__})"
+    return {"torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "autoprune_ext": ap.__version__, "extension": _build.origin()}
+
+
+def targets(rows: list[dict], micro: list[dict], device: torch.device) -> dict[str, dict]:
+    """The issue's targets, evaluated (never adjusted): masked step <= 1.05x dense (MLP, eager and
+    compiled; CPU), apply_mask forward + backward >= 3x the reference at 16M elements."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["case"] == "mlp" and r["impl"] in ("masked_cpp", "masked_cpp+compile") and r["ratio_to_dense"]:
+            out[f"step_mlp_{r['dtype']}_{r['impl']}_within_1.05x_dense"] = {
+                "ratio": r["ratio_to_dense"], "met": r["ratio_to_dense"] <= 1.05, "device": device.type}
+    for m in micro:
+        if "speedup" in m:
+            out[f"apply_mask_fwd_bwd_{m['dtype']}_{m['numel']}_ge_3x_reference"] = {
+                "speedup": m["speedup"], "met": m["speedup"] >= 3.0}
+    return out
+
+
+def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int, tiny: bool = False,
+                  case_names: Iterable[str] | None = None, micro_numel: int = 16 * 2**20, do_profile: bool = True,
+                  compile_backend: str = "inductor", log: Callable[[str], None] = print) -> dict:
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    _build.load(build=True)
+    backends.clear_cache()
+    wanted = set(case_names) if case_names else None
+    case_list = [c for c in cases(tiny) if wanted is None or c.name in wanted]
+    rows, skipped, steps = measure_steps(case_list, device, rounds, compile_backend=compile_backend, log=log)
+    micro = apply_mask_micro(micro_numel, device, rounds)
+    for m in micro:
+        log(f"apply_mask fwd+bwd {m['dtype']} {m['numel']}: {m}")
+    prof: dict[str, dict] = {}
+    if do_profile:
+        for dname in ("fp32", "bf16"):
+            chosen = {f"mlp_{dname}_{impl}": steps[("mlp", dname, impl)] for impl in ("dense", "masked_cpp")
+                      if ("mlp", dname, impl) in steps}
+            prof.update(profile(chosen, n=1 if tiny else 3))
+    measure_memory(rows, steps, device)
+    load_end = os.getloadavg()
+    data: dict[str, Any] = {
+        "device": {"name": device_name(device), "type": device.type, "cpu": _cpu_model(),
+                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                   "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                   "platform": platform.platform()},
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end]},
+        "note": (f"other processes were running: 1-min load average {load_start[0]:.2f} > {LOAD_NOTE_ABOVE} at start "
+                 f"on {os.cpu_count()} logical CPUs, timings are noisy" if load_start[0] > LOAD_NOTE_ABOVE else ""),
+        "method": (f"one step = forward, out.backward(g) (input requires grad: dX computed), Adam on the weights, "
+                   f"AuxAdam (penalty 0.1) on the aux tensors of masked models, zero_grad(set_to_none). Each impl is a "
+                   f"fresh seeded model, warmed up by two steps (compile_s: the first compiled step), then "
+                   f"{rounds} interleaved rounds with rotating order per case/dtype group; ms_median and "
+                   f"ms_iqr (q3 - q1) over rounds. ratio_to_dense: median / the group's dense median (compiled rows: "
+                   f"/ dense+compile). +compile: torch.compile(model, backend={compile_backend!r}), optimisers eager. "
+                   f"peak_extra_MB: " + ("CUDA max_memory_allocated above memory_allocated over one step"
+                                         if device.type == "cuda" else
+                                         "VmHWM above VmRSS over one step after malloc_trim, measured last with glibc "
+                                         "mmap-ing every block >= 128 KiB") +
+                   "; state_MB: parameters, buffers and optimiser states held between steps."),
+        "config": {"rounds": rounds, "tiny": tiny, "cases": {c.name: c.desc for c in case_list},
+                   "wall_s": round(time.perf_counter() - t_start, 1)},
+        "rows": rows,
+        "skipped": skipped,
+        "apply_mask_fwd_bwd": micro,
+        "targets": targets(rows, micro, device),
+        "profile_mlp": prof,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def _f(v: object, spec: str = ".2f") -> str:
+    return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def render_markdown(data: dict) -> str:
+    """The README table (and the apply_mask microbenchmark, targets, skips) from a results JSON."""
+    d, v = data["device"], data["versions"]
+    la = data["load_average"]["start"]
+    lines = [f"Device `{d['name']}` ({d['gpu'] or d['cpu']}, {d['torch_threads']} threads), torch {v['torch']}, "
+             f"triton {v['triton']}, {data['date']}, load average at start {la[0]:.2f}."
+             + (f" **{data['note']}.**" if data.get("note") else ""), "",
+             "| case | dtype | impl | ms (median) | IQR | × dense | peak extra MB | state MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['impl']} | {_f(r['ms_median'])} | {_f(r['ms_iqr'])} | "
+                     f"{_f(r['ratio_to_dense'], '.3f')} | {_f(r['peak_extra_MB'], '.1f')} | {_f(r['state_MB'], '.1f')} |")
+    micro = [m for m in data["apply_mask_fwd_bwd"] if "speedup" in m]
+    if micro:
+        lines += ["", "`apply_mask` forward + backward:", "",
+                  "| elements | dtype | reference ms | cpp ms | speed-up |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {m['numel']} | {m['dtype']} | {_f(m['reference_ms'])} | {_f(m['cpp_ms'])} | {_f(m['speedup'])}x |"
+                  for m in micro]
+    if data["targets"]:
+        lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if t['met'] else 'NOT met'} "
+                                            f"({t.get('ratio', t.get('speedup'))})" for k, t in data["targets"].items())]
+    notes = sorted({f"{r['impl']}: {r['note']}" for r in data["rows"] if r["note"]})
+    skips = [f"{s['case']} {s['dtype']} {s['impl']}: {s['reason']}" for s in data["skipped"]]
+    lines += [""] + [f"- {n}" for n in notes] + [f"- skipped {s}" for s in skips]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# smoke tests (pytest benchmarks)
+# --------------------------------------------------------------------------------------------------
+def test_smoke_every_impl_and_writer(tmp_path: Path) -> None:
+    """Every implementation once at a tiny shape, the JSON writer and the Markdown renderer."""
+    dev = torch.device("cpu")
+    data = write_results(tmp_path / "step.json", device=dev, rounds=1, tiny=True, micro_numel=4099,
+                         compile_backend="aot_eager", log=lambda s: None)
+    assert json.loads((tmp_path / "step.json").read_text()) == data
+    got = {(r["case"], r["dtype"], r["impl"]) for r in data["rows"]}
+    skipped = {(s["case"], s["dtype"], s["impl"]): s["reason"] for s in data["skipped"]}
+    for c in cases(tiny=True):
+        if c.cuda_only:
+            assert (c.name, ",".join(c.dtypes), "*") in skipped
+            continue
+        for dname in c.dtypes:
+            for impl in EAGER_IMPLS + (COMPILED_IMPLS if c.compiled else ()):
+                assert ((c.name, dname, impl) in got) != ((c.name, dname, impl) in skipped), (c.name, dname, impl)
+        assert (c.name, "fp32", "masked_triton") in skipped and (c.name, "fp32", "dense") in got
+    for r in data["rows"]:
+        assert r["ms_median"] > 0 and r["ms_iqr"] >= 0 and r["state_MB"] > 0 and r["ratio_to_dense"] > 0
+        assert r["peak_extra_MB"] is None or r["peak_extra_MB"] >= 0
+    masked, dense = (next(r for r in data["rows"] if r["case"] == "mlp" and r["dtype"] == "fp32" and r["impl"] == i)
+                     for i in ("masked_reference", "dense"))
+    assert masked["state_MB"] > dense["state_MB"]  # aux and its two moments
+    assert all(m["speedup"] > 0 for m in data["apply_mask_fwd_bwd"] if "speedup" in m)
+    assert data["versions"]["torch"] == torch.__version__ and len(data["load_average"]["start"]) == 3
+    md = render_markdown(data)
+    assert md.count("\n| mlp |") == sum(r["case"] == "mlp" for r in data["rows"]) and "× dense" in md
+
+
+def test_interleaved_rotates() -> None:
+    calls: list[str] = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and all(len(t) == 3 for t in times.values())
+    assert summary_ms([0.001, 0.002, 0.003, 0.004, 0.005]) == (3.0, 2.0, 2.0, 4.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def _print_profile(prof: dict[str, dict]) -> None:
+    for name, p in prof.items():
+        print(f"\n{name}: wall {p['wall_ms_per_step_profiled']} ms/step (profiled), "
+              f"self CPU total {p['self_cpu_ms_per_step_total']} ms/step")
+        for e in p["top_ops"]:
+            print(f"  {e['self_cpu_ms']:9.3f} ms  x{e['calls']:<6g} {e['op']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/step_<device>.json)")
+    p.add_argument("--quick", action="store_true", help="5 rounds instead of 15")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--cases", default=None, help="comma-separated subset of mlp,conv,transformer,mlp_4096")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--markdown", metavar="JSON", default=None, help="print the Markdown table of a results file")
+    a = p.parse_args(argv)
+    if a.markdown:
+        print(render_markdown(json.loads(Path(a.markdown).read_text())), end="")
+        return 0
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(a.out) if a.out else RESULTS_DIR / f"step_{device_name(dev)}.json"
+    rounds = a.rounds or (5 if a.quick else 15)
+    data = write_results(out, device=dev, rounds=rounds, do_profile=not a.no_profile,
+                         case_names=a.cases.split(",") if a.cases else None)
+    _print_profile(data["profile_mlp"])
+    print()
+    print(render_markdown(data), end="")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
