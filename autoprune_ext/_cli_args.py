@@ -57,3 +57,58 @@ def check_model_and_data(args: argparse.Namespace) -> int | None:
         if not Path(args.data_dir).is_dir():
             return fail(f"--data-dir: {args.data_dir} is not a directory")
     return None
+
+
+def check_device(text: str) -> str | None:
+    """``None`` if ``text`` names a usable compute device here, else the one-line reason."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        return f"--device: expected cpu, cuda or cuda:N (a torch device), got {text!r}"
+    if device.type == "meta":
+        return "--device: meta tensors hold no data and cannot train; expected cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device: {text} requested, but CUDA is not available here (torch.cuda.is_available() is False)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device: {text} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type != "cpu":
+        return f"--device: expected cpu, cuda or cuda:N, got {text!r}"
+    return None
+
+
+def check_out_dir(text: str) -> str | None:
+    """``None`` if the output directory ``text`` exists and is writable, or could be created (checked
+    on its nearest existing ancestor, so nothing is created before the run starts)."""
+    import os
+
+    path = Path(text)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"cannot be created: {probe} is a file"
+        return f"--out: {text} {where}, expected a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out: cannot write to {text} (no write permission on {probe})"
+    return None
+
+
+def check_state_dict_file(text: str, flag: str) -> str | None:
+    """``None`` if ``text`` is a file ``torch.load(weights_only=True)`` reads as a dict of tensors."""
+    import torch
+
+    if not Path(text).is_file():
+        return f"{flag}: {text} is not a file"
+    try:
+        state = torch.load(text, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unreadable or unsafe file: one line naming the flag
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{flag}: {text} cannot be read as a state_dict (torch.load, weights_only=True): {first[:200]}"
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        return f"{flag}: {text} holds a {type(state).__name__}, expected a state_dict (a dict of tensors)"
+    return None

@@ -15,8 +15,7 @@ import dataclasses
 import fnmatch
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import save_atomic as save_atomic  # re-exported: its home before autoprune_ext.checkpoint
 from .convert import convert, masked_modules
 from .optim import PENALTY_MODES, AuxAdam
 from .sparsity import LayerCount, enforce_floor, is_dtensor, layer_counts
@@ -399,6 +400,9 @@ class AutoPrune:
         eval_every: int = 100,
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
+        resume: bool = True,
+        run_config: Mapping[str, Any] | None = None,
+        allow_config_change: bool | Iterable[str] = (),
         progress: bool = True,
     ) -> list[dict[str, Any]]:
         """Run until ``steps`` iterations in total; returns the history (one record per step).
@@ -407,16 +411,21 @@ class AutoPrune:
         with ``default_collate``). Every ``eval_every`` steps (and at the end) ``eval_data`` (a
         classification ``TensorDataset``) adds ``accuracy`` to the record, and ``eval_fn(model)`` adds
         the metrics it returns. With ``checkpoint`` set, an existing file there is resumed from, and
-        the state is written (atomically) every ``checkpoint_every`` steps and at the end. Batches are
-        a function of ``(config.seed, step)``, so a resumed run equals an uninterrupted one. Every
-        parameter the trainer trains is trainable again when it returns.
+        the state is written (atomically) every ``checkpoint_every`` steps and at the end
+        (``resume=False``: an existing file is overwritten, not read). A resume
+        checks the file (checksum, ``weights_only`` load) and refuses one written with another config,
+        model or ``run_config`` by field name unless ``allow_config_change`` allows it (see
+        :meth:`load`). Batches are a function of ``(config.seed, step)``, so a resumed run equals an
+        uninterrupted one. Every parameter the trainer trains is trainable again when it returns.
         """
         from tqdm.auto import tqdm
 
         if self.config.mode == "bilevel" and heldout is None:
             raise ValueError("heldout: the bilevel mode needs a held-out dataset (or use mode='same_batch')")
-        if checkpoint is not None and Path(checkpoint).exists():
-            self.load(checkpoint)
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every: expected a non-negative integer, got {checkpoint_every}")
+        if resume and checkpoint is not None and Path(checkpoint).exists():
+            self.load(checkpoint, run_config=run_config, allow_config_change=allow_config_change)
         train_stream = BatchStream(train, self.config.batch_size, self.config.seed)
         held_stream = BatchStream(heldout, self.config.batch_size, self.config.seed + 1) if heldout is not None else None
         # disable=None: bars only on a terminal, so logs and CI output stay readable
@@ -436,12 +445,12 @@ class AutoPrune:
                 bar.update(1)
                 bar.set_postfix(density=f"{record['density']:.4f}", loss=f"{record['weight_loss']:.3f}")
                 if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
-                    self.save(checkpoint)
+                    self.save(checkpoint, run_config=run_config)
         finally:
             bar.close()
             self.restore_trainable()
         if checkpoint is not None:
-            self.save(checkpoint)
+            self.save(checkpoint, run_config=run_config)
         return self.history
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -470,30 +479,44 @@ class AutoPrune:
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (temporary file, then rename)."""
-        save_atomic(self.state_dict(), path)
+    def checkpoint_config(self, run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What a checkpoint records of this run and a resume compares by field: the trainer's
+        config (``autoprune.*``), the model's class and parameter names/shapes/dtypes
+        (``model.*``) and the caller's ``run_config`` (``run.*``, e.g. data set and seed)."""
+        structure = {name: f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+                     for name, t in self.module.state_dict().items() if isinstance(t, Tensor)}
+        config = {"autoprune": self.config.to_dict(),
+                  "model": {"class": type(self.module).__name__, "tensors": structure}}
+        if run_config:
+            config["run"] = dict(run_config)
+        return config
 
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Resume from a checkpoint written by :meth:`save`."""
-        self.load_state_dict(torch.load(path, map_location=model_device(self.model), weights_only=False))
+    def save(self, path: str | os.PathLike[str], *, run_config: Mapping[str, Any] | None = None) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically, with a checksum and the run's config
+        (:meth:`checkpoint_config`); see :mod:`autoprune_ext.checkpoint`."""
+        save_checkpoint(self.state_dict(), path, config=self.checkpoint_config(run_config))
 
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        run_config: Mapping[str, Any] | None = None,
+        allow_config_change: bool | Iterable[str] = (),
+    ) -> None:
+        """Resume from a checkpoint written by :meth:`save`.
 
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a crash never
-    leaves a truncated file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        The file is verified (checksum) and read with ``torch.load(weights_only=True)``; a checkpoint
+        written with a different config, model or ``run_config`` raises
+        :class:`~autoprune_ext.checkpoint.CheckpointError` naming the differing fields unless
+        ``allow_config_change`` lists them (or is ``True``).
+        """
+        state = load_checkpoint(path, config=self.checkpoint_config(run_config),
+                                allow_config_change=allow_config_change, map_location=model_device(self.model))
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: does not fit this trainer: {first}") from exc
 
 
 def freeze_masks(model: nn.Module) -> None:

@@ -11,9 +11,17 @@ import argparse
 import platform
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from ._cli_args import check_model_and_data, fail, fraction, nonneg_float, nonneg_int
+from ._cli_args import (
+    check_device,
+    check_model_and_data,
+    check_out_dir,
+    check_state_dict_file,
+    fail,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+)
 from .potential_cli import add_potential_parser
 
 # per-model AutoPrune defaults, tuned on digits (README: reproduction table); other models get the
@@ -103,6 +111,13 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=nonneg_int, default=100, help="test accuracy every N steps (default 100)")
     p.add_argument("--baseline", action="store_true",
                    help="also run global magnitude pruning at the same density, fine-tuned as long, for comparison")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=100,
+                   help="write <out>/autoprune.ckpt every N AutoPrune steps, 0 for only at the end (default 100)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out (same flags); without it a fresh run replaces it")
+    p.add_argument("--allow-config-change", default="", metavar="FIELDS",
+                   help="with --resume: comma-separated config fields allowed to differ from the checkpoint's "
+                        "(names as printed in the refusal, e.g. autoprune.lr_aux), or 'all'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
 
@@ -114,8 +129,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     bad = check_model_and_data(args)
     if bad is not None:
         return bad
-    if args.parent is not None and not Path(args.parent).is_file():
-        return fail(f"--parent: {args.parent} is not a file")
+    out = args.out or f"runs/{args.model}-{args.data}-s{args.seed}"
+    why = (check_device(args.device) or check_out_dir(out)
+           or (check_state_dict_file(args.parent, "--parent") if args.parent is not None else None))
+    if why:
+        return fail(why)
+    if args.allow_config_change and not args.resume:
+        return fail("--allow-config-change: only meaningful with --resume")
+    allow = [f.strip() for f in args.allow_config_change.split(",") if f.strip()]
     if args.batch_size < 1:
         return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
     defaults = MODEL_DEFAULTS.get(args.model, GENERIC_DEFAULTS)
@@ -129,11 +150,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     job = PruneJob(
         model=args.model, data=args.data, data_dir=args.data_dir,
-        out=args.out or f"runs/{args.model}-{args.data}-s{args.seed}", parent=args.parent, seed=args.seed,
+        out=out, parent=args.parent, seed=args.seed,
         device=args.device, dense_steps=args.dense_steps, dense_lr=args.dense_lr, prune_steps=args.steps,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, eval_every=args.eval_every,
-        baseline=args.baseline,
-        progress=not args.quiet, autoprune=config,
+        baseline=args.baseline, progress=not args.quiet, autoprune=config,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        allow_config_change=True if allow == ["all"] else tuple(allow),
     )
     if args.backend:
         from . import backends
@@ -165,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:  # bad data directory or option: one line, status 2
+    except (OSError, ValueError) as exc:  # bad file, directory or option: one line, status 2
         return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 

@@ -12,7 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ._cli_args import check_model_and_data, fail, nonneg_int, pos_float
+from ._cli_args import check_device, check_model_and_data, check_out_dir, fail, nonneg_int, pos_float
 
 #: settings of ``--quick``: a smoke run of a few seconds to a minute on digits
 QUICK = {"dense_steps": 150, "autoprune_steps": 40, "ratios": "0.5,0.8,0.9", "corruptions": "gaussian_noise,gaussian_blur",
@@ -115,6 +115,9 @@ def cmd_potential(args: argparse.Namespace) -> int:
     bad = check_model_and_data(args)
     if bad is not None:
         return bad
+    why = check_device(args.device) or check_out_dir(args.out or f"runs/potential-{args.model}-{args.data}")
+    if why:
+        return fail(why)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         return fail("--methods: expected at least one method")

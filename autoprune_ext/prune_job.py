@@ -1,12 +1,19 @@
 """The main job behind ``autoprune-ext prune``: dense parent -> AutoPrune -> fine-tune -> report.
 
 Writes into the output directory: ``report.json``, ``model.pt`` (the finalized model's state_dict,
-loadable into the plain architecture with ``strict=True``), ``parent.pt`` (the dense parent) and
-``curves.png`` (density and accuracy over steps).
+loadable into the plain architecture with ``strict=True``), ``parent.pt`` (the dense parent),
+``autoprune.ckpt`` (the AutoPrune checkpoint, see :mod:`autoprune_ext.checkpoint`) and ``curves.png``
+(density and accuracy over steps).
+
+Resume (``resume=True``, ``autoprune-ext prune --resume``): the parent comes from ``parent.pt`` and
+AutoPrune continues from ``autoprune.ckpt``; the checkpoint is written right after the trainer is
+built and every ``checkpoint_every`` steps, and fine-tuning is deterministic from its end state, so a
+run killed at any point and resumed with the same flags ends with bit-identical weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,6 +51,15 @@ class PruneJob:
     baseline: bool = False
     progress: bool = True
     autoprune: AutoPruneConfig = field(default_factory=AutoPruneConfig)
+    checkpoint_every: int = 100
+    resume: bool = False
+    #: config fields a resume may change (``True``: any); see :func:`autoprune_ext.checkpoint.load_checkpoint`
+    allow_config_change: bool | tuple[str, ...] = ()
+
+    def run_config(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint (besides the AutoPrune config)."""
+        return {"model": self.model, "data": self.data, "seed": self.seed, "parent": self.parent,
+                "dense_steps": 0 if self.parent else self.dense_steps, "dense_lr": self.dense_lr}
 
 
 def load_splits(job: PruneJob) -> Splits:
@@ -59,7 +75,11 @@ def build_parent(job: PruneJob, splits: Splits, log: Any = print) -> nn.Module:
                       image_size=splits.image_size).to(job.device)
     if job.parent:
         state = torch.load(job.parent, map_location=job.device, weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        try:
+            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        except RuntimeError as exc:
+            raise ValueError(f"parent: {job.parent} does not fit model {job.model!r}: "
+                             f"{str(exc).strip().splitlines()[-1].strip()[:300]}") from None
         log(f"loaded dense parent from {job.parent}")
     else:
         train_supervised(model, splits.train, job.dense_steps, lr=job.dense_lr,
@@ -114,16 +134,32 @@ def run(job: PruneJob, log: Any = print) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "autoprune.ckpt"
+    resuming = job.resume and ckpt.exists()
+    if job.resume and not resuming:
+        log(f"no checkpoint at {ckpt}: starting from the beginning")
+    elif not job.resume and ckpt.exists():
+        ckpt.unlink()  # a fresh run: never continue (or mix with) an earlier one unasked
     splits = load_splits(job)
     log(f"data: {splits}")
-    parent = build_parent(job, splits, log)
+    if resuming and (out / "parent.pt").exists():
+        job_parent = dataclasses.replace(job, parent=str(out / "parent.pt"))
+        parent = build_parent(job_parent, splits, log)
+    else:
+        parent = build_parent(job, splits, log)
+        save_atomic(parent.state_dict(), out / "parent.pt")
     dense_acc = accuracy(parent, splits.test)
-    save_atomic(parent.state_dict(), out / "parent.pt")
     log(f"dense parent: test accuracy {100 * dense_acc:.2f}%")
 
     trainer = AutoPrune(parent, job.autoprune)
+    if resuming:
+        trainer.load(ckpt, run_config=job.run_config(), allow_config_change=job.allow_config_change)
+        log(f"resuming from {ckpt} at AutoPrune step {trainer.step_count}")
+    else:  # step 0 on disk: a kill before the first periodic checkpoint still resumes exactly
+        trainer.save(ckpt, run_config=job.run_config())
     trainer.fit(splits.train, splits.heldout if job.autoprune.mode == "bilevel" else None, job.prune_steps,
-                eval_data=splits.test, eval_every=job.eval_every, progress=job.progress)
+                eval_data=splits.test, eval_every=job.eval_every, progress=job.progress, checkpoint=ckpt,
+                checkpoint_every=job.checkpoint_every, resume=False, run_config=job.run_config())
     pruned_before_ft = accuracy(trainer.model, splits.test)
     if job.finetune_steps:
         freeze_masks(trainer.model)
@@ -149,6 +185,7 @@ def run(job: PruneJob, log: Any = print) -> dict[str, Any]:
         "flops_fraction": report.flops_fraction,
         "layers": report.to_dict()["layers"],
         "config": {k: v for k, v in vars(job).items() if k != "autoprune"} | {"autoprune": job.autoprune.to_dict()},
+        "resumed": resuming,
         "seconds": time.perf_counter() - start,
     }
     if magnitude_acc is not None:

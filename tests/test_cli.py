@@ -67,6 +67,12 @@ def test_prune_small_run_writes_outputs(tmp_path, capsys):
         (["prune", "--parent", "/nonexistent.pt"], "--parent: /nonexistent.pt is not a file"),
         (["prune", "--surrogate", "tanh"], "argument --surrogate: invalid choice"),
         (["frobnicate"], "invalid choice"),
+        (["prune", "--device", "meta"], "--device: meta tensors hold no data"),
+        (["prune", "--device", "tpu9"], "--device: expected cpu, cuda or cuda:N"),
+        (["prune", "--device", "cuda:7"], "--device: cuda:7 requested"),
+        (["prune", "--out", "/dev/null/run"], "--out: /dev/null/run cannot be created: /dev/null is a file"),
+        (["prune", "--allow-config-change", "autoprune.seed"], "--allow-config-change: only meaningful with --resume"),
+        (["potential", "--device", "meta"], "--device: meta tensors hold no data"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
@@ -78,6 +84,31 @@ def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert message in err, err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a torch file at all", "cannot be read as a state_dict"),
+    (None, "holds a list, expected a state_dict"),
+])
+def test_corrupt_parent_exits_2_naming_parent(tmp_path, capsys, content, message):
+    parent = tmp_path / "parent.pt"
+    if content is None:
+        torch.save([1, 2, 3], parent)
+    else:
+        parent.write_bytes(content)
+    assert main(["prune", "--parent", str(parent), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--parent:" in err and message in err, err
+    assert not (tmp_path / "run").exists()  # nothing created before the error
+
+
+def test_parent_of_another_model_exits_2(tmp_path, capsys):
+    parent = tmp_path / "parent.pt"
+    torch.save(get_model("lenet5").state_dict(), parent)
+    code = main(["prune", "--parent", str(parent), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--finetune-steps", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "parent:" in err and "lenet300" in err, err
 
 
 def test_missing_data_files_exit_2(tmp_path, capsys):
