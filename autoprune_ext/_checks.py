@@ -1,7 +1,11 @@
-"""Argument checks shared by the op layer, the functional API and the layers.
+"""Argument checks shared by the op layer, the functional API, the layers and the optimiser.
 
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, device, value
 or name) with a message that starts with the argument's name and states the expected form.
+
+All checks here read only sizes, strides, dtypes, devices and Python scalars (no device sync, no
+kernel launch), except :func:`check_finite`, which reads the tensor's values and is therefore only
+used off the op layer (functional API, layer init, ``finalize``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from torch import Tensor
 from .reference import GRANULARITIES, NM_MAX_M, RULES, SURROGATES, parse_nm
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: the largest ``|alpha|`` accepted: the ``leaky_relu`` surrogates materialise ``alpha`` in the aux
+#: dtype (float16 holds up to 65504) and multiply it into gradients; ``1e4`` keeps every backend and
+#: every float dtype free of overflow, far above any useful slope (which lies in ``[0, 1]``).
+ALPHA_MAX = 1e4
 
 
 def _finite_checks_enabled() -> bool:
@@ -44,8 +53,44 @@ def check_names(surrogate: str, rule: str, alpha: float) -> None:
         raise ValueError(f"surrogate: expected one of {SURROGATES}, got {surrogate!r}")
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise ValueError(f"alpha: expected a finite float, got {alpha!r}")
+    check_alpha(alpha)
+
+
+def _symbolic(x: object) -> bool:
+    # a traced scalar (torch.compile with dynamic scalars): its value is unknown here, and the eager
+    # implementation that the compiled graph calls checks the concrete value at run time
+    return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def check_alpha(alpha: object) -> None:
+    """``alpha`` is a finite real number with ``|alpha| <= ALPHA_MAX`` (see :data:`ALPHA_MAX`)."""
+    if _symbolic(alpha):
+        return
+    if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha)
+            or abs(alpha) > ALPHA_MAX):
+        raise ValueError(f"alpha: expected a finite float with |alpha| <= {ALPHA_MAX:g}, got {alpha!r}")
+
+
+def check_scalar(
+    x: object, name: str, *, low: float | None = None, high: float | None = None, high_open: bool = False
+) -> float:
+    """``x`` is a finite real number (not a bool) in ``[low, high]`` (``[low, high)`` if ``high_open``)."""
+    if _symbolic(x):
+        return x  # type: ignore[return-value]
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if ok and low is not None and x < low:  # type: ignore[operator]
+        ok = False
+    if ok and high is not None and (x >= high if high_open else x > high):  # type: ignore[operator]
+        ok = False
+    if not ok:
+        if low is None and high is None:
+            want = "a finite float"
+        elif high is None:
+            want = f"a finite float >= {low:g}"
+        else:
+            want = f"a finite float in [{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected {want}, got {x!r}")
+    return float(x)  # type: ignore[arg-type]
 
 
 def check_granularity(granularity: str) -> None:
@@ -74,6 +119,10 @@ def check_nm_args(aux: object, n: object, m: object, aux_name: str = "aux") -> T
 
 
 def check_finite(x: Tensor, name: str) -> None:
+    """``x`` holds no NaN/inf (reads the values: one device sync; skipped for meta tensors, while
+    compiling and with ``AUTOPRUNE_CHECK_FINITE=0``)."""
+    if x.device.type == "meta":
+        return
     if _finite_checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
@@ -105,3 +154,110 @@ def check_like(x: object, name: str, ref: Tensor, ref_name: str, *, same_dtype: 
     if same_dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {t.dtype}")
     return t
+
+
+# --------------------------------------------------------------------------------------------------
+# memory overlap (in-place ops): from sizes, strides and storage addresses only
+# --------------------------------------------------------------------------------------------------
+Label = str | tuple[str, ...]  # an argument's name, or its parts (joined only for an error message)
+
+
+def _label(name: Label) -> str:
+    return name if isinstance(name, str) else "".join(name)
+
+
+def check_no_internal_overlap(x: Tensor, name: Label) -> None:
+    """``x`` addresses every element at a distinct memory location (no stride-0 ``expand``, no
+    overlapping ``as_strided`` view), as an in-place kernel needs.
+
+    The test: with the dimensions of size > 1 sorted by stride, each stride must be at least the
+    extent ``1 + sum((size - 1) * stride)`` of the dimensions with smaller strides. This accepts every
+    contiguous, permuted or sliced layout and rejects every overlapping one (it may reject exotic
+    non-overlapping interleavings, which no caller here builds).
+    """
+    if x.is_contiguous():
+        return
+    dims = sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1)
+    extent = 1
+    for st, sz in dims:
+        if st < extent:
+            raise ValueError(
+                f"{_label(name)}: expected a tensor whose elements do not overlap in memory (an in-place argument), "
+                f"got shape {tuple(x.shape)} with strides {tuple(x.stride())} (e.g. an expand(); pass .contiguous())"
+            )
+        extent += (sz - 1) * st
+
+
+def _byte_range(x: Tensor) -> tuple[int, int, int] | None:
+    """``(device index, first byte address, one past the last)`` that ``x`` can touch, or ``None`` for
+    a tensor without elements or addressable memory (meta, fake, storage-less subclasses).
+
+    Absolute addresses: two allocations never overlap, so tensors of different storages can be
+    compared directly, without asking for their storages."""
+    try:
+        start = x.data_ptr()
+    except Exception:  # fake tensors, subclasses without a storage
+        return None
+    if x.is_contiguous():
+        nbytes = x.nbytes
+    elif x.numel():
+        nbytes = (1 + sum((sz - 1) * st for sz, st in zip(x.shape, x.stride()))) * x.element_size()
+    else:
+        nbytes = 0
+    if start == 0 or nbytes == 0:  # meta tensors, no elements
+        return None
+    return x.get_device(), start, start + nbytes
+
+
+def check_no_overlap(inplace: list[tuple[Label, Tensor]], readonly: list[tuple[Label, Tensor]] = ()) -> None:
+    """No tensor of ``inplace`` (written by the op) shares memory with another one of ``inplace`` or
+    with one of ``readonly`` (read by the op); tensors of ``readonly`` may share memory among
+    themselves. Compares the byte ranges each tensor can touch (conservative: two interleaved views
+    of one buffer count as overlapping). ``O(n log n)``, no device work.
+
+    Raises ``ValueError`` naming the written tensor (the later one in argument order when both are
+    written) and the tensor it overlaps.
+    """
+    spans: list[tuple[int, int, int, int, bool]] = []
+    names: list[Label] = []
+    for written, items in ((True, inplace), (False, readonly)):
+        for name, t in items:
+            if t is None:
+                continue
+            r = _byte_range(t)
+            if r is not None:
+                spans.append((r[0], r[1], len(names), r[2], written))
+            names.append(name)
+    if len(spans) < 2:
+        return
+    spans.sort()
+    device = None
+    end_all = end_w = -1
+    idx_all = idx_w = -1
+    w_all = False
+    found: tuple[int, int] | None = None  # the overlap to report: the earliest in argument order
+    for dev, start, idx, end, written in spans:
+        if dev != device:  # furthest end so far among all tensors / written ones, per device
+            device, end_all, end_w = dev, -1, -1
+        other = None
+        if written and start < end_all:
+            other = (idx_all, w_all)
+        elif not written and start < end_w:
+            other = (idx_w, True)
+        if other is not None:
+            o_idx, o_written = other
+            # name first the tensor that is written (the later one in argument order if both are)
+            first, second = idx, o_idx
+            if not written or (o_written and o_idx > idx):
+                first, second = o_idx, idx
+            if found is None or first < found[0]:
+                found = (first, second)
+        if end > end_all:
+            end_all, idx_all, w_all = end, idx, written
+        if written and end > end_w:
+            end_w, idx_w = end, idx
+    if found is not None:
+        raise ValueError(
+            f"{_label(names[found[0]])}: expected memory that overlaps no other tensor argument of this in-place "
+            f"op, but it overlaps {_label(names[found[1]])} (the same tensor passed twice, or views of one buffer)"
+        )

@@ -16,6 +16,11 @@ from .nn import AuxInit, MaskedModule, masked_type_for
 Selector = str | type[nn.Module]
 
 
+def _check_model(model: object, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def _matches(name: str, module: nn.Module, selectors: Iterable[Selector]) -> bool:
     for sel in selectors:
         if isinstance(sel, str):
@@ -39,14 +44,14 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 def masked_modules(model: nn.Module) -> Iterator[tuple[str, MaskedModule]]:
     """``(qualified name, module)`` for every masked layer of ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, MaskedModule):
-            yield name, module
+    _check_model(model)
+    return ((name, module) for name, module in model.named_modules() if isinstance(module, MaskedModule))
 
 
 def tied_weights(model: nn.Module) -> dict[str, list[str]]:
     """Parameters held by more than one module of ``model`` (tied weights, e.g. a language model's
     input embedding and ``lm_head``): qualified parameter name -> every module holding it."""
+    _check_model(model)
     holders: dict[int, list[str]] = {}
     first: dict[int, str] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -86,8 +91,7 @@ def convert(
     mask would apply to one use of the matrix only, and ``finalize`` keeps the tie. Naming only
     tied layers in ``include`` is an error.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     include = list(include) if include is not None else None
     exclude = list(exclude) if exclude is not None else []
     tied = {id(p) for p in _tied_params(model)}
@@ -135,7 +139,11 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     returned, not a wrapper). An FSDP2-sharded model cannot be copied: use
     :func:`autoprune_ext.distributed.finalize_state_dict`, which gathers the shards and returns the
     dense state dict.
+
+    Raises ``ValueError`` naming the layer when a ``weight_aux`` holds NaN or inf (its mask is
+    undefined: ``NaN >= 0`` is false, so it would silently prune), before anything is replaced.
     """
+    _check_model(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     from .sparsity import is_dtensor  # here: sparsity imports this module
@@ -146,6 +154,7 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             "replaced layer by layer; use autoprune_ext.distributed.finalize_state_dict(model) (on every "
             "rank) and load the result into a dense model with load_state_dict(..., strict=True)"
         )
+    _check_finite_aux(model)
     if not inplace:
         model = copy.deepcopy(model)
     names: dict[int, list[str]] = {}
@@ -156,6 +165,24 @@ def finalize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for alias in names[id(module)]:
             model = _replace(model, alias, dense)
     return model
+
+
+@torch.no_grad()
+def _check_finite_aux(model: nn.Module) -> None:
+    """Every masked layer's ``weight_aux`` is finite (one host sync for the whole model)."""
+    layers = [(n, m.weight_aux.detach()) for n, m in masked_modules(model) if m.weight_aux.device.type != "meta"]
+    layers = [(n, a) for n, a in layers if a.numel()]
+    if not layers:
+        return
+    dev = layers[0][1].device
+    ok = torch.stack([torch.isfinite(a).all().to(dev) for _, a in layers]).tolist()
+    for (name, _), good in zip(layers, ok):
+        if not good:
+            raise ValueError(
+                f"{name + '.' if name else ''}weight_aux: expected finite values in the masked layer "
+                f"{name or '(the model itself)'!r}, found NaN or inf (its mask is undefined); fix or re-initialise "
+                "it (reset_aux) before finalize"
+            )
 
 
 @dataclass
@@ -285,6 +312,7 @@ def sparsity_report(model: nn.Module, example_input: Tensor | None = None) -> Sp
     """
     from .sparsity import layer_counts  # here: sparsity imports this module
 
+    _check_model(model)
     layers = list(masked_modules(model))
     positions: dict[str, int] = {}
     if example_input is not None:

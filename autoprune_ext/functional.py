@@ -61,7 +61,31 @@ def masked_linear(
     :func:`apply_mask`.
     """
     alpha = _prepare(weight, aux, surrogate, rule, alpha)
+    _checks.check_tensor(input, "input")  # the op checks the rest; a non-tensor would fail its schema first
+    if bias is not None:
+        _checks.check_tensor(bias, "bias")
     return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
+
+
+def _check_conv_args(input: Tensor, weight: Tensor, bias: Tensor | None, dims: int) -> None:
+    """What ``F.conv{dims}d`` needs of ``input``/``bias`` beyond the mask pair, as our errors."""
+    _checks.check_tensor(input, "input")
+    _checks.check_same_device("input", input, "weight", weight)
+    if weight.dim() != dims + 2:
+        raise ValueError(f"weight: expected a {dims + 2}-D tensor [out_channels, in_channels/groups, *kernel], "
+                         f"got shape {tuple(weight.shape)}")
+    if input.dim() not in (dims + 1, dims + 2):
+        raise ValueError(f"input: expected a {dims + 1}-D or {dims + 2}-D tensor ([N,] C, *spatial), "
+                         f"got shape {tuple(input.shape)}")
+    if input.dtype != weight.dtype:
+        raise TypeError(f"input: expected dtype {weight.dtype} (that of weight), got {input.dtype}")
+    if bias is not None:
+        _checks.check_tensor(bias, "bias")
+        _checks.check_same_device("bias", bias, "weight", weight)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} (that of weight), got {bias.dtype}")
 
 
 def masked_conv1d(
@@ -79,6 +103,7 @@ def masked_conv1d(
     alpha: float = 0.1,
 ) -> Tensor:
     """``conv1d(input, weight * h(aux), bias, ...)``; arguments as ``torch.nn.functional.conv1d``."""
+    _check_conv_args(input, _checks.check_tensor(weight, "weight"), bias, 1)
     t = apply_mask(weight, aux, surrogate=surrogate, rule=rule, alpha=alpha)
     return F.conv1d(input, t, bias, stride, padding, dilation, groups)
 
@@ -98,6 +123,7 @@ def masked_conv2d(
     alpha: float = 0.1,
 ) -> Tensor:
     """``conv2d(input, weight * h(aux), bias, ...)``; arguments as ``torch.nn.functional.conv2d``."""
+    _check_conv_args(input, _checks.check_tensor(weight, "weight"), bias, 2)
     t = apply_mask(weight, aux, surrogate=surrogate, rule=rule, alpha=alpha)
     return F.conv2d(input, t, bias, stride, padding, dilation, groups)
 
@@ -119,7 +145,9 @@ def apply_nm_mask(
     alpha: float = 0.1,
 ) -> Tensor:
     """``weight * h(nm_scores(aux, n, m))``: an exactly N:M weight (``aux`` in ``weight``'s shape)."""
-    if not isinstance(aux, Tensor) or not isinstance(weight, Tensor) or aux.shape != weight.shape:
+    _checks.check_tensor(weight, "weight")
+    _checks.check_tensor(aux, "aux")
+    if aux.shape != weight.shape:
         raise ValueError(
             f"aux: expected weight's shape {tuple(getattr(weight, 'shape', ()))} for N:M granularity, "
             f"got {tuple(getattr(aux, 'shape', ()))}"

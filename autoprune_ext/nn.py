@@ -249,6 +249,7 @@ class MaskedLinear(MaskedModule, nn.Linear):
 
 class _MaskedConvNd(MaskedModule):
     def forward(self, input: Tensor) -> Tensor:
+        functional._check_conv_args(input, self.weight, self.bias, len(self.kernel_size))  # type: ignore[attr-defined]
         t = functional.apply_mask(self.weight, self.effective_aux(), **self._mask_options())
         return self._conv_forward(input, t, self.bias)  # type: ignore[attr-defined]
 

@@ -18,13 +18,37 @@ Ops (``torch.ops.autoprune.<name>``):
 
 Each op's implementation asks :func:`autoprune_ext.backends.select` for the backend at call time, so
 backends plug in without touching callers, and ``torch.compile`` sees one opaque op (no graph break).
-Fake (meta) implementations give shapes for tracing. The ops check their arguments cheaply (shapes,
-dtypes, devices, names); the non-finite test of ``aux`` lives in the functional API.
+
+Validation lives here, once, for every backend: each op checks its arguments (``TypeError`` /
+``ValueError`` whose message starts with the argument's name) *before* any backend runs, so no op
+fails after writing part of its output or state. The checks are cheap: sizes, strides, dtypes,
+devices, storage addresses and Python scalars only -- no device sync, no kernel launch (the
+non-finite test of ``aux`` lives in the functional API, that of gradients in ``AuxAdam``). The fake
+(meta) implementations, which the dispatcher runs whenever *any* argument is on the meta device (and
+``torch.compile`` / ``FakeTensor`` tracing runs always), make the same shape/dtype/device checks, so
+a meta tensor mixed with real ones is an error naming the argument, never uninitialised output.
+
+Rules the checks enforce:
+
+* every tensor argument of one call is on one device;
+* ``mask_backward``: ``grad`` has ``weight``'s shape and dtype; ``masked_linear_backward``:
+  ``grad_out`` has shape ``[*input.shape[:-1], out_features]`` and ``input``'s dtype (autograd hands
+  each op's backward a gradient in its output's dtype, which is ``weight``'s / ``input``'s);
+* Adam steps: ``exp_avg``/``exp_avg_sq``/``grad``/``weight`` have ``aux``'s shape (any float dtype:
+  the arithmetic runs in float64 when any of ``aux``, ``exp_avg``, ``grad``, ``weight`` is float64,
+  else in float32, penalty gradient included, on every backend); ``step >= 1``; ``lr``, ``eps``
+  finite and ``>= 0``; ``beta1``, ``beta2`` in ``[0, 1)``; ``penalty_scale(s)`` and ``rho`` finite;
+  ``alpha`` finite with ``|alpha| <= 1e4`` (:data:`autoprune_ext._checks.ALPHA_MAX`);
+* in-place arguments (``aux``, ``exp_avg``, ``exp_avg_sq``) have no internal overlap (no stride-0
+  ``expand``), and share no memory with one another or with any ``grad``/``weight`` of the call --
+  across all entries of the multi-tensor op (a tensor listed twice is a data race in the fused
+  kernels).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,6 +76,11 @@ def _check_mask_args(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alp
     _checks.check_mask_pair(weight, aux, finite=False)
 
 
+def _check_mask_backward_args(grad, weight, aux, surrogate, rule, alpha) -> None:
+    _check_mask_args(weight, aux, surrogate, rule, alpha)
+    _checks.check_like(grad, "grad", weight, "weight", same_dtype=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # apply_mask / mask_backward
 # --------------------------------------------------------------------------------------------------
@@ -63,6 +92,7 @@ def apply_mask(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: fl
 
 @apply_mask.register_fake
 def _(weight, aux, surrogate, rule, alpha):
+    _check_mask_args(weight, aux, surrogate, rule, alpha)
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
@@ -77,8 +107,7 @@ def mask_backward(
     need_weight_grad: bool,
     need_aux_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    _check_mask_args(weight, aux, surrogate, rule, alpha)
-    _checks.check_like(grad, "grad", weight, "weight")
+    _check_mask_backward_args(grad, weight, aux, surrogate, rule, alpha)
     dW, dM = backends.select(weight.device).mask_backward(
         grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad
     )
@@ -87,6 +116,7 @@ def mask_backward(
 
 @mask_backward.register_fake
 def _(grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad):
+    _check_mask_backward_args(grad, weight, aux, surrogate, rule, alpha)
     dW = torch.empty(weight.shape if need_weight_grad else (0,), dtype=weight.dtype, device=weight.device)
     dM = torch.empty(aux.shape if need_aux_grad else (0,), dtype=aux.dtype, device=aux.device)
     return dW, dM
@@ -123,6 +153,7 @@ def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
 
 @nm_scores.register_fake
 def _(aux, n, m):
+    _checks.check_nm_args(aux, n, m)
     return torch.empty(aux.shape, dtype=aux.dtype, device=aux.device)
 
 
@@ -172,7 +203,23 @@ def masked_linear(
 
 @masked_linear.register_fake
 def _(input, weight, aux, bias, surrogate, rule, alpha):
+    _check_mask_args(weight, aux, surrogate, rule, alpha)
+    _check_linear_args(input, weight, bias)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _check_linear_backward_args(grad_out, input, weight, aux, surrogate, rule, alpha) -> None:
+    _check_mask_args(weight, aux, surrogate, rule, alpha)
+    _check_linear_args(input, weight, None)
+    _checks.check_tensor(grad_out, "grad_out")
+    _checks.check_same_device("grad_out", grad_out, "weight", weight)
+    if grad_out.shape != (*input.shape[:-1], weight.shape[0]):
+        raise ValueError(
+            f"grad_out: expected shape {(*input.shape[:-1], weight.shape[0])} ([*input.shape[:-1], out_features]), "
+            f"got {tuple(grad_out.shape)}"
+        )
+    if grad_out.dtype != input.dtype:
+        raise TypeError(f"grad_out: expected dtype {input.dtype} (that of input), got {grad_out.dtype}")
 
 
 @torch.library.custom_op("autoprune::masked_linear_backward", mutates_args=())
@@ -189,12 +236,7 @@ def masked_linear_backward(
     need_aux_grad: bool,
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_mask_args(weight, aux, surrogate, rule, alpha)
-    _check_linear_args(input, weight, None)
-    if grad_out.shape != (*input.shape[:-1], weight.shape[0]):
-        raise ValueError(
-            f"grad_out: expected shape {(*input.shape[:-1], weight.shape[0])}, got {tuple(grad_out.shape)}"
-        )
+    _check_linear_backward_args(grad_out, input, weight, aux, surrogate, rule, alpha)
     dX, dW, dM, db = backends.select(weight.device).masked_linear_backward(
         grad_out, input, weight, aux, surrogate, rule, alpha,
         need_input_grad, need_weight_grad, need_aux_grad, need_bias_grad,
@@ -204,6 +246,8 @@ def masked_linear_backward(
 
 @masked_linear_backward.register_fake
 def _(grad_out, input, weight, aux, surrogate, rule, alpha, need_i, need_w, need_m, need_b):
+    _check_linear_backward_args(grad_out, input, weight, aux, surrogate, rule, alpha)
+
     def make(flag: bool, shape, like: Tensor) -> Tensor:
         return torch.empty(shape if flag else (0,), dtype=like.dtype, device=like.device)
 
@@ -252,25 +296,100 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------------
 # auxiliary Adam step
 # --------------------------------------------------------------------------------------------------
-def _check_adam_args(
-    aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor | None, weight: Tensor | None,
-    step: int, lr: float, beta1: float, beta2: float, eps: float, surrogate: str, alpha: float,
-    index: str = "",
-) -> None:
+def _check_adam_scalars(lr: float, beta1: float, beta2: float, eps: float, rho: float, surrogate: str,
+                        alpha: float) -> None:
     _checks.check_names(surrogate, "sign", alpha)
-    _checks.check_tensor(aux, f"aux{index}")
-    _checks.check_like(exp_avg, f"exp_avg{index}", aux, f"aux{index}")
-    _checks.check_like(exp_avg_sq, f"exp_avg_sq{index}", aux, f"aux{index}")
+    _checks.check_scalar(lr, "lr", low=0.0)
+    _checks.check_scalar(beta1, "beta1", low=0.0, high=1.0, high_open=True)
+    _checks.check_scalar(beta2, "beta2", low=0.0, high=1.0, high_open=True)
+    _checks.check_scalar(eps, "eps", low=0.0)
+    _checks.check_scalar(rho, "rho")
+
+
+def _check_adam_tensors(
+    aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor | None, weight: Tensor | None,
+    step: int, penalty_scale: float, index: str, ref_device: tuple[str, Tensor] | None,
+) -> None:
+    a = _checks.check_tensor(aux, f"aux{index}")
+    if ref_device is not None:
+        _checks.check_same_device(f"aux{index}", a, *ref_device)
+    _checks.check_like(exp_avg, f"exp_avg{index}", a, f"aux{index}")
+    _checks.check_like(exp_avg_sq, f"exp_avg_sq{index}", a, f"aux{index}")
     if grad is not None:
-        _checks.check_like(grad, f"grad{index}", aux, f"aux{index}")
+        _checks.check_like(grad, f"grad{index}", a, f"aux{index}")
     if weight is not None:
-        _checks.check_like(weight, f"weight{index}", aux, f"aux{index}")
-    if step < 1:
-        raise ValueError(f"step: expected an integer >= 1, got {step}")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas: expected each in [0, 1), got ({beta1}, {beta2})")
-    if not (lr >= 0.0 and eps >= 0.0):
-        raise ValueError(f"lr, eps: expected non-negative values, got lr={lr}, eps={eps}")
+        _checks.check_like(weight, f"weight{index}", a, f"aux{index}")
+    if isinstance(step, torch.SymInt):
+        pass  # traced (torch.compile): checked at run time by the eager implementation
+    elif not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step{index}: expected an integer >= 1, got {step!r}")
+    _checks.check_scalar(penalty_scale, f"penalty_scale{index}")
+
+
+_FLOAT = frozenset(_checks.FLOAT_DTYPES)
+
+
+def _adam_entry_ok(a, e1, e2, g, w, step, scale, dev) -> bool:
+    """Fast path of :func:`_check_adam_tensors` (no message); ``False`` sends to the detailed checks."""
+    try:
+        if not (a.dtype in _FLOAT and e1.dtype in _FLOAT and e2.dtype in _FLOAT and a.device == dev
+                and e1.device == dev and e2.device == dev):
+            return False
+        shape = a.shape
+        if e1.shape != shape or e2.shape != shape:
+            return False
+        if g is not None and not (g.dtype in _FLOAT and g.device == dev and g.shape == shape):
+            return False
+        if w is not None and not (w.dtype in _FLOAT and w.device == dev and w.shape == shape):
+            return False
+        return type(step) is int and step >= 1 and type(scale) in (float, int) and math.isfinite(scale)
+    except (AttributeError, TypeError):  # not tensors / not numbers
+        return False
+
+
+def check_aux_adam_step_multi_args(
+    aux: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor],
+    grads: Sequence[Tensor | None], weights: Sequence[Tensor | None], steps: Sequence[int],
+    penalty_scales: Sequence[float], lr: float, beta1: float, beta2: float, eps: float, rho: float,
+    surrogate: str, alpha: float, *, memory: bool = True, single: bool = False,
+) -> None:
+    """Every check of ``aux_adam_step_multi_`` (``single``: of ``aux_adam_step_``, names without
+    ``[i]``). ``memory``: also the overlap checks, which need real storage (not in fake kernels).
+    Public so that :class:`autoprune_ext.optim.AuxAdam` can validate all its calls of one step before
+    it touches any state; the ops run it themselves in any case."""
+    n = len(aux)
+    for name, seq in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grads", grads),
+                      ("weights", weights), ("steps", steps), ("penalty_scales", penalty_scales)):
+        if len(seq) != n:
+            raise ValueError(f"{name}: expected a list of {n} entries (one per aux tensor), got {len(seq)}")
+    _check_adam_scalars(lr, beta1, beta2, eps, rho, surrogate, alpha)
+    dev = aux[0].device if n and isinstance(aux[0], Tensor) else None
+    for i in range(n):
+        if _adam_entry_ok(aux[i], exp_avg[i], exp_avg_sq[i], grads[i], weights[i], steps[i], penalty_scales[i], dev):
+            continue
+        index = "" if single else f"[{i}]"
+        ref = None if i == 0 else ("aux[0]", aux[0])
+        _check_adam_tensors(aux[i], exp_avg[i], exp_avg_sq[i], grads[i], weights[i], steps[i], penalty_scales[i],
+                            index, ref)
+    if memory and n:
+        written: list[tuple[_checks.Label, Tensor]] = []
+        read: list[tuple[_checks.Label, Tensor]] = []
+        for i in range(n):
+            index = "" if single else f"[{i}]"
+            for name, t in (("aux", aux[i]), ("exp_avg", exp_avg[i]), ("exp_avg_sq", exp_avg_sq[i])):
+                _checks.check_no_internal_overlap(t, (name, index))
+                written.append(((name, index), t))
+            if grads[i] is not None:
+                read.append((("grad", index), grads[i]))
+            if weights[i] is not None:
+                read.append((("weight", index), weights[i]))
+        _checks.check_no_overlap(written, read)
+
+
+def _check_single(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                  surrogate, alpha, memory: bool) -> None:
+    check_aux_adam_step_multi_args([aux], [exp_avg], [exp_avg_sq], [grad], [weight], [step], [penalty_scale],
+                                   lr, beta1, beta2, eps, rho, surrogate, alpha, memory=memory, single=True)
 
 
 @torch.library.custom_op("autoprune::aux_adam_step_", mutates_args=("aux", "exp_avg", "exp_avg_sq"))
@@ -290,7 +409,8 @@ def aux_adam_step_(
     surrogate: str,
     alpha: float,
 ) -> None:
-    _check_adam_args(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, surrogate, alpha)
+    _check_single(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                  surrogate, alpha, memory=True)
     backends.select(aux.device).aux_adam_step_(
         aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate, alpha
     )
@@ -298,6 +418,8 @@ def aux_adam_step_(
 
 @aux_adam_step_.register_fake
 def _(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate, alpha):
+    _check_single(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                  surrogate, alpha, memory=False)
     return None
 
 
@@ -320,17 +442,10 @@ def aux_adam_step_multi_(
     surrogate: str,
     alpha: float,
 ) -> None:
-    n = len(aux)
-    for name, seq in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grads", grads),
-                      ("weights", weights), ("steps", steps), ("penalty_scales", penalty_scales)):
-        if len(seq) != n:
-            raise ValueError(f"{name}: expected a list of {n} entries (one per aux tensor), got {len(seq)}")
-    if n == 0:
+    check_aux_adam_step_multi_args(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
+                                   lr, beta1, beta2, eps, rho, surrogate, alpha, memory=True)
+    if not aux:
         return
-    for i in range(n):
-        _check_adam_args(aux[i], exp_avg[i], exp_avg_sq[i], grads[i], weights[i], steps[i],
-                         lr, beta1, beta2, eps, surrogate, alpha, index=f"[{i}]")
-        _checks.check_same_device(f"aux[{i}]", aux[i], "aux[0]", aux[0])
     backends.select(aux[0].device).aux_adam_step_multi_(
         aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1, beta2, eps, rho, surrogate, alpha
     )
@@ -338,6 +453,8 @@ def aux_adam_step_multi_(
 
 @aux_adam_step_multi_.register_fake
 def _(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1, beta2, eps, rho, surrogate, alpha):
+    check_aux_adam_step_multi_args(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
+                                   lr, beta1, beta2, eps, rho, surrogate, alpha, memory=False)
     return None
 
 

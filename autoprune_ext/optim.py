@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,7 +16,7 @@ from . import _checks
 from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
 from . import reference as ref
 from .convert import masked_modules
-from .sparsity import local, sum_over_shards
+from .sparsity import is_dtensor, local, sum_over_shards
 
 Penalty = float | Mapping[str, float]
 
@@ -23,6 +24,8 @@ Penalty = float | Mapping[str, float]
 PENALTY_MODES: tuple[str, ...] = ("mean", "relative")
 #: storage of the aux and its Adam moments (see :class:`AuxAdam`)
 MEMORY_MODES: tuple[str, ...] = ("standard", "bf16_sr")
+#: what a step does when a gradient holds NaN/inf (see :class:`AuxAdam`)
+NONFINITE_MODES: tuple[str, ...] = ("raise", "skip")
 
 
 class AuxAdam(torch.optim.Optimizer):
@@ -31,7 +34,8 @@ class AuxAdam(torch.optim.Optimizer):
     Each parameter group is one *penalty group* ``g`` (``shared/docs/method.md`` section 3): the
     step adds ``scale_g * (s(m) - rho * s(-m))`` to ``dL/dM`` (times ``1/|w|`` with
     ``inv_abs_weight``), then applies Adam with bias correction, in place, through the fused op
-    ``torch.ops.autoprune.aux_adam_step_multi_`` (one call per group and device).
+    ``torch.ops.autoprune.aux_adam_step_multi_`` (one call per device for all groups that share
+    ``lr``/``betas``/``eps``/``rho``/``surrogate``/``alpha``).
 
     The per-entry scale ``scale_g`` comes from the group's ``lambda`` (``penalty``) by its
     ``penalty_mode``:
@@ -70,8 +74,23 @@ class AuxAdam(torch.optim.Optimizer):
         inv_abs_weight: scale the penalty gradient by ``1/|w|`` (needs the weights: :meth:`from_model`
             or ``weights={aux: weight}``).
         surrogate, alpha: the surrogate of the penalty gradient (use the layers' own).
-        foreach: one fused multi-tensor call per group (``True``) or one call per tensor.
+        foreach: fused multi-tensor calls (``True``) or one call per tensor.
         weights: mapping from each aux parameter to its layer weight (for ``inv_abs_weight``).
+        nonfinite: what :meth:`step` does when a gradient holds NaN or inf: ``"raise"`` (default) a
+            ``ValueError`` naming the parameter (group index, position and, from :meth:`from_model`,
+            the layer's name), or ``"skip"`` the whole step -- no aux, moment or step count changes,
+            as AMP's ``GradScaler`` does -- counting it in :attr:`skipped_steps` (saved and restored by
+            ``state_dict``/``load_state_dict``). Either way nothing is written before the decision.
+            The test is one fused reduction over all gradients and one host sync per step; it is
+            off while compiling and with ``AUTOPRUNE_CHECK_FINITE=0``.
+        names: mapping from each aux parameter to a name for error messages (set by :meth:`from_model`).
+
+    Validation: every step first re-checks every group's values (they may be changed between
+    steps: finite ``lr``/``eps``/``betas``/``penalty``/``rho``/``alpha``/``layer_scale``, the
+    non-negative ones non-negative), then the gradients, then the arguments of every fused call it is
+    about to make (the op layer's own checks), and only then writes any state, so a failing step
+    leaves the optimiser exactly as it was. The same parameter (or two parameters sharing memory) may
+    not appear twice, in one group or across groups.
 
     Parameters whose ``.grad`` is ``None`` are skipped, as in ``torch.optim.Adam``. Parameters may be
     FSDP2 DTensors: the step runs on the local shards (every quantity is elementwise), and the group
@@ -95,29 +114,53 @@ class AuxAdam(torch.optim.Optimizer):
         weights: Mapping[Tensor, Tensor] | None = None,
         memory: str = "standard",
         sr_seed: int = 0,
+        nonfinite: str = "raise",
+        names: Mapping[Tensor, str] | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr: expected a non-negative float, got {lr}")
-        if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-            raise ValueError(f"betas: expected two floats in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"eps: expected a non-negative float, got {eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, penalty=penalty, penalty_mode=penalty_mode, rho=rho,
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite: expected one of {NONFINITE_MODES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        #: number of steps skipped because a gradient held NaN/inf (``nonfinite="skip"``)
+        self.skipped_steps = 0
+        betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas  # checked with the groups
+        defaults = dict(lr=lr, betas=betas, eps=eps, penalty=penalty, penalty_mode=penalty_mode, rho=rho,
                         inv_abs_weight=inv_abs_weight, surrogate=surrogate, alpha=alpha, foreach=foreach,
                         memory=memory, sr_seed=sr_seed)
         self._warned_low_precision = False
-        super().__init__(params, defaults)
         # aux -> weight, outside the param groups so that state_dict never stores weight tensors
         self.weights: dict[Tensor, Tensor] = dict(weights or {})
-        for group in self.param_groups:
-            self._check_group(group)
+        self.names: dict[Tensor, str] = dict(names or {})
+        super().__init__(params, defaults)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _checks.check_names(group["surrogate"], "sign", group["alpha"])
-        if not (isinstance(group["penalty"], (int, float)) and group["penalty"] >= 0):
-            raise ValueError(f"penalty: expected a non-negative float, got {group['penalty']!r}")
-        if not (isinstance(group["rho"], (int, float)) and group["rho"] >= 0):
-            raise ValueError(f"rho: expected a non-negative float, got {group['rho']!r}")
+    def _param_name(self, gi: int, pi: int, p: Tensor | None = None) -> str:
+        where = f"param_groups[{gi}]['params'][{pi}]"
+        name = self.names.get(p) if p is not None else None
+        return f"{where} ({name!r})" if name else where
+
+    def _check_group(self, group: dict[str, Any], gi: int) -> None:
+        """Every value of ``group`` (index ``gi``); run at construction, by ``add_param_group`` and at
+        the start of every step (a controller or a user may have changed them)."""
+        where = f" (param_groups[{gi}])"
+
+        def scalar(key: str, **kw: Any) -> None:
+            try:
+                _checks.check_scalar(group[key], key, **kw)
+            except ValueError as exc:
+                raise ValueError(f"{exc}{where}") from None
+
+        scalar("lr", low=0.0)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0.0 <= b < 1.0
+                for b in betas)):
+            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}{where}")
+        scalar("eps", low=0.0)
+        scalar("penalty", low=0.0)
+        scalar("rho", low=0.0)
+        try:
+            _checks.check_names(group["surrogate"], "sign", group["alpha"])
+        except ValueError as exc:
+            raise ValueError(f"{exc}{where}") from None
         if group["memory"] not in MEMORY_MODES:
             raise ValueError(f"memory: expected one of {MEMORY_MODES}, got {group['memory']!r}")
         if group["memory"] == "bf16_sr":
@@ -125,14 +168,17 @@ class AuxAdam(torch.optim.Optimizer):
             if wrong:
                 raise TypeError(f"memory: 'bf16_sr' needs bfloat16 aux tensors "
                                 f"(convert(..., aux_dtype=torch.bfloat16)); got other dtypes for shapes {wrong}")
-        if not isinstance(group["sr_seed"], int):
+        if not isinstance(group["sr_seed"], int) or isinstance(group["sr_seed"], bool):
             raise TypeError(f"sr_seed: expected an int, got {type(group['sr_seed']).__name__}")
         if group["penalty_mode"] not in PENALTY_MODES:
             raise ValueError(f"penalty_mode: expected one of {PENALTY_MODES}, got {group['penalty_mode']!r}")
         scales = group.setdefault("layer_scale", [1.0] * len(group["params"]))
-        if len(scales) != len(group["params"]) or not all(isinstance(v, (int, float)) and v >= 0 for v in scales):
+        if not (isinstance(scales, (list, tuple)) and len(scales) == len(group["params"]) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in scales)):
             raise ValueError(
-                f"layer_scale: expected {len(group['params'])} non-negative floats (one per parameter), got {scales!r}"
+                f"layer_scale: expected {len(group['params'])} finite non-negative floats (one per parameter), "
+                f"got {scales!r}{where}"
             )
         if group["inv_abs_weight"]:
             missing = [tuple(p.shape) for p in group["params"] if p not in self.weights]
@@ -158,6 +204,7 @@ class AuxAdam(torch.optim.Optimizer):
         per_layer: Iterable[str] = (),
         memory: str = "standard",
         sr_seed: int = 0,
+        nonfinite: str = "raise",
     ) -> AuxAdam:
         """One optimiser over every masked layer of ``model``, grouped by penalty.
 
@@ -169,9 +216,12 @@ class AuxAdam(torch.optim.Optimizer):
         Layers named in ``per_layer`` get a group of their own (named after the layer, with the
         ``lambda`` their key gives): what a per-layer density controller adjusts.
         """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         per_layer = set(per_layer)
         groups: dict[tuple[str, str, float], dict[str, Any]] = {}
         weights: dict[Tensor, Tensor] = {}
+        names: dict[Tensor, str] = {}
         for name, module in masked_modules(model):
             key, lam = _penalty_key(name, module, penalty)
             if name in per_layer:
@@ -183,15 +233,59 @@ class AuxAdam(torch.optim.Optimizer):
                                              "alpha": module.alpha, "name": key})
             group["params"].append(module.weight_aux)
             weights[module.weight_aux] = module.mask_weight()  # [out, in, ...], as weight_aux
+            names[module.weight_aux] = f"{name}.weight_aux" if name else "weight_aux"
         if not groups:
             raise ValueError("model: has no masked layers; call autoprune_ext.convert(model) first")
         return cls(list(groups.values()), lr, betas, eps, penalty_mode=penalty_mode, rho=rho,
-                   inv_abs_weight=inv_abs_weight, foreach=foreach, weights=weights, memory=memory, sr_seed=sr_seed)
+                   inv_abs_weight=inv_abs_weight, foreach=foreach, weights=weights, memory=memory, sr_seed=sr_seed,
+                   nonfinite=nonfinite, names=names)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``, and rejects (``ValueError``) a parameter listed
+        twice or sharing memory with another parameter of this optimiser (the fused multi-tensor step
+        would race on it), and invalid group values; a rejected group is not added."""
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, (set, str)):
+            params = list(params)
+        if isinstance(params, list):
+            param_group = {**param_group, "params": params}
+            self._check_distinct(params)
         super().add_param_group(param_group)
-        if hasattr(self, "weights"):
-            self._check_group(self.param_groups[-1])
+        gi = len(self.param_groups) - 1
+        try:
+            self._check_group(self.param_groups[gi], gi)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_distinct(self, params: list[Any]) -> None:
+        gi = len(self.param_groups)
+        seen: dict[int, str] = {}
+        existing: list[tuple[str, Tensor]] = []
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                seen[id(p)] = self._param_name(g, i, p)
+                existing.append((self._param_name(g, i, p), local(p)))
+        new: list[tuple[str, Tensor]] = []
+        for i, p in enumerate(params):
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor):
+                p = p[1]  # (name, parameter), as named_parameters() gives
+            if not isinstance(p, Tensor):
+                continue  # torch's add_param_group says what is wrong
+            here = self._param_name(gi, i, p)
+            if id(p) in seen:
+                raise ValueError(f"params: expected distinct parameters, got the same tensor twice: {here} is "
+                                 f"{seen[id(p)]} (the fused step would update it twice, racing with itself)")
+            seen[id(p)] = here
+            new.append((here, local(p)))
+        try:
+            _checks.check_no_overlap(existing + new)
+        except ValueError as exc:
+            raise ValueError(f"params: expected parameters that share no memory; {exc}") from None
 
     def _magnitude(self, aux: Tensor) -> Tensor:
         w = local(self.weights[aux].detach())
@@ -225,65 +319,206 @@ class AuxAdam(torch.optim.Optimizer):
                 scales[gi] = float(self.param_groups[gi]["penalty"]) * (sq / total) ** 0.5 * mag
         return scales
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus ``"skipped_steps"``."""
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; restores :attr:`skipped_steps` (0 if absent)."""
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, Tensor) and skipped.numel() == 1:
+            skipped = int(skipped.item())
+        if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+            raise ValueError(f"skipped_steps: expected a non-negative int in the state dict, got {skipped!r}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "skipped_steps"})
+        self.skipped_steps = skipped
+
+    @torch.no_grad()
+    def _nonfinite_grad(self) -> tuple[int, int, Tensor] | None:
+        """``(group, position, param)`` of the first parameter whose gradient holds NaN/inf, or ``None``.
+
+        One fused reduction per (device, dtype) bucket (``torch._foreach_norm``: one launch on GPU) and
+        one host sync in all. A non-finite norm is confirmed entry by entry (a huge finite gradient
+        may overflow the norm; only then is there more work). Sharded (DTensor) gradients are combined
+        over the ranks, so every rank decides alike.
+        """
+        if not _checks._finite_checks_enabled():
+            return None
+        entries = [(gi, pi, p) for gi, group in enumerate(self.param_groups)
+                   for pi, p in enumerate(group["params"]) if p.grad is not None]
+        grads = [local(p.grad) for _, _, p in entries]
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for k, g in enumerate(grads):
+            if g.numel() and not g.is_meta:
+                buckets.setdefault((g.device, g.dtype), []).append(k)
+        bad: list[int] = []
+        if buckets:
+            norms, order = [], []
+            for ks in buckets.values():
+                norms.append(torch.stack(torch._foreach_norm([grads[k] for k in ks])).float())
+                order.extend(ks)
+            dev = norms[0].device
+            host = torch.cat([n.to(dev) for n in norms]).tolist()  # the one host sync
+            bad = [k for k, v in zip(order, host) if not math.isfinite(v)]
+            bad = [k for k in bad if not bool(torch.isfinite(grads[k]).all())]  # a norm overflow is no NaN/inf
+        sharded = [k for k, (_, _, p) in enumerate(entries) if is_dtensor(p.grad)]
+        if sharded:  # agree over the ranks: every rank reduces the same entries in the same order
+            dev = grads[sharded[0]].device
+            flags = torch.tensor([float(k in bad) for k in sharded], device=dev).unbind()
+            reduced = sum_over_shards(list(flags), [entries[k][2].grad for k in sharded])
+            host = torch.stack([v.reshape(()).to(dev) for v in reduced]).tolist()
+            bad = sorted(set(bad) | {k for k, v in zip(sharded, host) if v != 0.0})
+        return entries[min(bad)] if bad else None
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One fused penalty + Adam step of every auxiliary tensor that has a gradient."""
+        """One fused penalty + Adam step of every auxiliary tensor that has a gradient.
+
+        Validates everything first (group values, gradients, the fused calls' arguments), then writes
+        state; on an error or a skipped step (``nonfinite="skip"``) nothing has changed. Groups that
+        share ``lr``, ``betas``, ``eps``, ``rho``, ``surrogate`` and ``alpha`` (and a device) are
+        stepped by one fused call.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scales = self._scales()
-        for group, group_scale in zip(self.param_groups, scales):
-            beta1, beta2 = group["betas"]
-            by_device: dict[torch.device, list[tuple[Tensor, float]]] = {}
-            for p, layer_scale in zip(group["params"], group["layer_scale"]):
-                if p.grad is not None:
-                    by_device.setdefault(p.device, []).append((p, group_scale * float(layer_scale)))
-            for params in by_device.values():
-                auxes, m1s, m2s, grads, mags, steps, pscales = [], [], [], [], [], [], []
-                for p, scale in params:
-                    state = self.state[p]
-                    if not state:
-                        moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                        if group["memory"] == "bf16_sr":
-                            moment_dtype = torch.bfloat16
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
-                    state["step"] += 1
-                    # DTensor (FSDP2): the step is elementwise, so it runs on the local shards in place
-                    auxes.append(local(p))
-                    m1s.append(local(state["exp_avg"]))
-                    m2s.append(local(state["exp_avg_sq"]))
-                    grads.append(local(p.grad))
-                    mags.append(self._magnitude(p) if group["inv_abs_weight"] else None)
-                    steps.append(int(state["step"]))
-                    pscales.append(scale)
-                args = (group["lr"], beta1, beta2, group["eps"])
-                tail = (group["rho"], group["surrogate"], float(group["alpha"]))
-                if group["memory"] == "bf16_sr":
-                    index = {id(q): i for i, q in enumerate(group["params"])}
-                    for i, (p, _) in enumerate(params):
-                        seed = _sr_seed(group["sr_seed"], steps[i], self.param_groups.index(group), index[id(p)])
-                        _sr_adam_step_(auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, pscales[i],
-                                       *tail, seed=seed)
-                    continue
-                if not self._warned_low_precision and any(a.dtype in (torch.bfloat16, torch.float16) for a in auxes):
-                    self._warned_low_precision = True
-                    warnings.warn(
-                        "AuxAdam: a bfloat16/float16 aux is stepped with memory='standard': Adam updates under half "
-                        "an ulp of the aux are lost (the masks stall). Use memory='bf16_sr' (stochastic rounding) "
-                        "or a float32 aux.",
-                        stacklevel=2,
-                    )
-                if group["foreach"]:
-                    torch.ops.autoprune.aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales, *args, *tail)
-                else:
-                    for i in range(len(auxes)):
-                        torch.ops.autoprune.aux_adam_step_(
-                            auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], *args, pscales[i], *tail
-                        )
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        bad = self._nonfinite_grad()
+        if bad is not None:
+            if self.nonfinite == "skip":
+                self.skipped_steps += 1
+                return loss
+            gi, pi, p = bad
+            raise ValueError(
+                f"grad: expected finite gradients, found NaN or inf in the gradient of {self._param_name(gi, pi, p)}; "
+                "nothing was updated (AuxAdam(..., nonfinite='skip') skips such steps instead)"
+            )
+        calls = self._plan(self._scales())
+        # One fused call validates its own arguments before writing anything; several calls (or the
+        # per-tensor and bf16_sr paths) are all validated up front, so none runs if any would fail.
+        if len(calls) > 1 or any(c["kind"] != "fused" for c in calls):
+            self._validate(calls)
+        for call in calls:
+            self._run(call)
+        for call in calls:  # the steps ran: record them
+            for e in call["entries"]:
+                if e["fresh"] is not None:
+                    self.state[e["p"]] = e["fresh"]
+                self.state[e["p"]]["step"] += 1
         return loss
+
+    def _plan(self, scales: list[float]) -> list[dict[str, Any]]:
+        """The calls of one step, without writing any state (fresh moments are not stored yet)."""
+        calls: dict[tuple, dict[str, Any]] = {}
+        for gi, (group, group_scale) in enumerate(zip(self.param_groups, scales)):
+            beta1, beta2 = group["betas"]
+            hp = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["rho"]),
+                  group["surrogate"], float(group["alpha"]))
+            kind = "sr" if group["memory"] == "bf16_sr" else ("fused" if group["foreach"] else "single")
+            inv_abs = group["inv_abs_weight"]
+            for pi, (p, layer_scale) in enumerate(zip(group["params"], group["layer_scale"])):
+                if p.grad is None:
+                    continue
+                key = (kind, p.device, hp) if kind == "fused" else (kind, p.device, hp, gi)
+                call = calls.setdefault(key, {"kind": kind, "hp": hp, "entries": []})
+                state = self.state.get(p)
+                fresh = None
+                if not state:
+                    moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    if kind == "sr":
+                        moment_dtype = torch.bfloat16
+                    fresh = state = {
+                        "step": 0,
+                        "exp_avg": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
+                        "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
+                    }
+                step = state.get("step")
+                if isinstance(step, Tensor) and step.numel() == 1:
+                    step = int(step.item())
+                if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                    raise ValueError(f"step: expected a non-negative int in the state of "
+                                     f"{self._param_name(gi, pi, p)}, got {step!r}")
+                exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+                if not (isinstance(exp_avg, Tensor) and isinstance(exp_avg_sq, Tensor)):
+                    raise TypeError(f"exp_avg, exp_avg_sq: expected tensors in the state of "
+                                    f"{self._param_name(gi, pi, p)}, got {type(exp_avg).__name__}, "
+                                    f"{type(exp_avg_sq).__name__}")
+                # DTensor (FSDP2): the step is elementwise, so it runs on the local shards in place
+                call["entries"].append({
+                    "gi": gi, "pi": pi, "p": p, "fresh": fresh, "seed_base": group["sr_seed"],
+                    "aux": local(p), "exp_avg": local(exp_avg), "exp_avg_sq": local(exp_avg_sq),
+                    "grad": local(p.grad), "weight": self._magnitude(p) if inv_abs else None,
+                    "step": step + 1, "scale": group_scale * float(layer_scale),
+                })
+        return list(calls.values())
+
+    @staticmethod
+    def _args(call: dict[str, Any]) -> tuple:
+        es = call["entries"]
+        return ([e["aux"] for e in es], [e["exp_avg"] for e in es], [e["exp_avg_sq"] for e in es],
+                [e["grad"] for e in es], [e["weight"] for e in es], [e["step"] for e in es],
+                [e["scale"] for e in es], *call["hp"])
+
+    def _with_names(self, exc: Exception, call: dict[str, Any]) -> Exception:
+        """``exc`` (from the op layer, naming list entries ``[i]``) with those entries' parameters."""
+        es = call["entries"]
+        idx = sorted({int(i) for i in re.findall(r"\[(\d+)\]", str(exc)) if int(i) < len(es)})
+        if not idx:
+            return exc
+        where = ", ".join(f"[{i}] = {self._param_name(es[i]['gi'], es[i]['pi'], es[i]['p'])}" for i in idx)
+        return type(exc)(f"{exc} (AuxAdam.step: {where})")
+
+    def _validate(self, calls: list[dict[str, Any]]) -> None:
+        """The op layer's checks of every call, and the memory checks over all calls at once."""
+        written: list[tuple[str, Tensor]] = []
+        read: list[tuple[str, Tensor]] = []
+        for call in calls:
+            try:
+                _ops.check_aux_adam_step_multi_args(*self._args(call), memory=False)
+            except (TypeError, ValueError) as exc:
+                raise self._with_names(exc, call) from None
+            for e in call["entries"]:
+                name = (" of ", self._param_name(e["gi"], e["pi"], e["p"]))
+                for kind in ("aux", "exp_avg", "exp_avg_sq"):
+                    _checks.check_no_internal_overlap(e[kind], (kind, *name))
+                    written.append(((kind, *name), e[kind]))
+                read.append((("grad", *name), e["grad"]))
+                if e["weight"] is not None:
+                    read.append((("weight", *name), e["weight"]))
+        _checks.check_no_overlap(written, read)
+
+    def _run(self, call: dict[str, Any]) -> None:
+        auxes, m1s, m2s, grads, mags, steps, pscales, lr, beta1, beta2, eps, rho, surrogate, alpha = self._args(call)
+        if call["kind"] == "sr":
+            for i, e in enumerate(call["entries"]):
+                seed = _sr_seed(e["seed_base"], steps[i], e["gi"], e["pi"])
+                _sr_adam_step_(auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], lr, beta1, beta2, eps,
+                               pscales[i], rho, surrogate, alpha, seed=seed)
+            return
+        if not self._warned_low_precision and any(a.dtype in (torch.bfloat16, torch.float16) for a in auxes):
+            self._warned_low_precision = True
+            warnings.warn(
+                "AuxAdam: a bfloat16/float16 aux is stepped with memory='standard': Adam updates under half "
+                "an ulp of the aux are lost (the masks stall). Use memory='bf16_sr' (stochastic rounding) "
+                "or a float32 aux.",
+                stacklevel=3,
+            )
+        if call["kind"] == "fused":
+            try:
+                torch.ops.autoprune.aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales,
+                                                         lr, beta1, beta2, eps, rho, surrogate, alpha)
+            except (TypeError, ValueError) as exc:  # raised by the op's checks, before it wrote anything
+                raise self._with_names(exc, call) from None
+        else:
+            for i in range(len(auxes)):
+                torch.ops.autoprune.aux_adam_step_(
+                    auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], lr, beta1, beta2, eps, pscales[i], rho,
+                    surrogate, alpha,
+                )
 
     def penalty_value(self) -> float:
         """Current value of the total density penalty ``sum_g P_g`` (for logging)."""

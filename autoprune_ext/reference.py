@@ -214,14 +214,16 @@ def penalty_grad(
     surrogate_name: str = "softplus",
     alpha: float = 0.1,
     weight: Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Penalty gradient ``scale * (s(m) - rho * s(-m))`` with ``scale = lam / N`` of the group.
 
     With ``weight`` (``inv_abs_weight``), the gradient is multiplied by ``1/|w|``, and is 0 where
     ``|w| < 1e-15``. ``weight`` must have ``aux``'s shape (see :func:`weight_magnitude`). The result
-    is in the compute dtype.
+    is in ``dtype``, default the compute dtype of ``aux`` and ``weight``.
     """
-    cd = compute_dtype(aux, weight)
+    cd = dtype if dtype is not None else compute_dtype(aux, weight)
     m = aux.to(cd)
     grad = scale * (surrogate(m, surrogate_name, alpha) - rho * surrogate(-m, surrogate_name, alpha))
     if weight is not None:
@@ -252,9 +254,12 @@ def aux_adam_step_(
     ``grad`` is the task gradient ``dL/dM`` (``None``: penalty only); ``weight`` enables
     ``inv_abs_weight`` (shape of ``aux``). Matches ``torch.optim.Adam`` (no amsgrad, no decay) on the
     combined gradient; the moments keep their own dtype (float32 for low-precision ``aux``).
+
+    Everything, the penalty gradient included, is computed in float64 when any of ``aux``,
+    ``exp_avg``, ``grad``, ``weight`` is float64, else in float32 -- the rule of every fused kernel.
     """
     cd = compute_dtype(aux, exp_avg, grad, weight)
-    g = penalty_grad(aux, penalty_scale, rho, surrogate_name, alpha, weight).to(cd)
+    g = penalty_grad(aux, penalty_scale, rho, surrogate_name, alpha, weight, dtype=cd)
     if grad is not None:
         g = g + grad.to(cd)
     m1 = exp_avg.to(cd).mul(beta1).add_(g, alpha=1 - beta1)
