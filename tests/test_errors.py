@@ -126,3 +126,22 @@ def test_layer_with_nan_aux_fails_at_forward():
 def test_linear_bias_dtype():
     with pytest.raises(TypeError, match="bias: expected dtype torch.float32"):
         APF.masked_linear(torch.randn(2, 3), W, M, torch.randn(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_fast_path_is_exact(dtype):
+    from autoprune_ext._checks import all_finite
+
+    fi = torch.finfo(dtype)
+    x = torch.randn(64, 33).to(dtype)
+    assert all_finite(x) and all_finite(x.t()[::2]) and all_finite(x[:0])
+    huge = torch.full((257,), fi.max, dtype=dtype)  # the sum overflows, every entry is finite
+    assert all_finite(huge) and all_finite(-huge)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for base in (x.flatten(), huge):
+            y = base.clone()
+            y[y.numel() // 2] = value
+            assert not all_finite(y), (value, base.abs().max())
+    y = huge.clone()
+    y[0], y[1] = float("inf"), -float("inf")  # a sum of NaN, not inf
+    assert not all_finite(y)
