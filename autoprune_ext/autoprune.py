@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .checkpoint import save_atomic as save_atomic  # re-exported: its home before autoprune_ext.checkpoint
 from .convert import convert, masked_modules
-from .optim import PENALTY_MODES, AuxAdam
+from .optim import NONFINITE_MODES, PENALTY_MODES, AuxAdam
 from .sparsity import LayerCount, enforce_floor, is_dtensor, layer_counts
 from .training import (
     Batch,
@@ -78,6 +78,9 @@ class AutoPruneConfig:
     penalty_mode: str = "mean"
     #: AuxAdam storage: "standard" or "bf16_sr" (bfloat16 aux and moments, stochastic rounding)
     aux_memory: str = "standard"
+    #: a mask step whose gradient holds NaN/inf: "raise" (naming the layer) or "skip" it and count it
+    #: (``record["aux_skipped"]``), as AMP's grad scaler does; see :class:`AuxAdam`
+    aux_nonfinite: str = "raise"
     rho: float = 1e-3
     inv_abs_weight: bool = False
     surrogate: str = "softplus"
@@ -121,6 +124,8 @@ class AutoPruneConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: expected a non-negative finite float, got {value!r}")
+        if self.aux_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"aux_nonfinite: expected one of {NONFINITE_MODES}, got {self.aux_nonfinite!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size}")
 
@@ -224,7 +229,7 @@ class AutoPrune:
         self.aux_optimizer = AuxAdam.from_model(
             module, lr=cfg.lr_aux, betas=cfg.aux_betas, penalty=cfg.penalty, penalty_mode=cfg.penalty_mode,
             rho=cfg.rho, inv_abs_weight=cfg.inv_abs_weight, per_layer=self._layer_targets, memory=cfg.aux_memory,
-            sr_seed=cfg.seed,
+            sr_seed=cfg.seed, nonfinite=cfg.aux_nonfinite,
         )
         if cfg.target_density is not None or self._layer_targets:
             for group in self.aux_optimizer.param_groups:  # a controller needs a positive start
@@ -376,6 +381,7 @@ class AutoPrune:
             "density": sum(c.kept for c in counts) / max(sum(c.total for c in counts), 1),
             "penalty": self.aux_optimizer.penalty_value(),
             "lambda": {g["name"]: float(g["penalty"]) for g in self.aux_optimizer.param_groups},
+            "aux_skipped": self.aux_optimizer.skipped_steps,
         }
         return record
 

@@ -169,3 +169,34 @@ def test_batch_stream_is_a_function_of_step():
     assert BatchStream(ds, 3, seed=2).batch(0)[1].tolist() != seq[0] or BatchStream(ds, 3, seed=2).batch(1)[1].tolist() != seq[1]
     with pytest.raises(ValueError, match="batch_size"):
         BatchStream(ds, 0)
+
+
+def test_nonfinite_mask_step_raise_or_skip(data):
+    """A NaN in the mask step's loss: 'raise' names the layer; 'skip' leaves the masks untouched,
+    counts the step in the record, and the weight step still runs."""
+    train, held, _ = data
+    calls = {"n": 0}
+
+    def loss_fn(out, batch):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(out, batch[1])
+        return loss * float("nan") if calls["n"] == 1 else loss  # the first call is the first mask step
+
+    for policy in ("raise", "skip"):
+        calls["n"] = 0
+        torch.manual_seed(0)
+        trainer = AutoPrune(tiny_model(), AutoPruneConfig(batch_size=16, aux_nonfinite=policy), loss_fn=loss_fn)
+        before = [p.detach().clone() for p in trainer.aux_params]
+        it = iter(torch.utils.data.DataLoader(train, batch_size=16))
+        hb = next(iter(torch.utils.data.DataLoader(held, batch_size=16)))
+        if policy == "raise":
+            with pytest.raises(ValueError, match=r"grad: expected finite gradients.*weight_aux"):
+                trainer.step(next(it), hb)
+        else:
+            record = trainer.step(next(it), hb)
+            assert record["aux_skipped"] == 1
+            assert all(torch.equal(a, b) for a, b in zip(before, trainer.aux_params))
+            assert trainer.step(next(it), hb)["aux_skipped"] == 1  # later steps run
+            assert not all(torch.equal(a, b) for a, b in zip(before, trainer.aux_params))
+    with pytest.raises(ValueError, match="aux_nonfinite: expected one of"):
+        AutoPruneConfig(aux_nonfinite="ignore")
