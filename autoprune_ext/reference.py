@@ -8,6 +8,42 @@ Precision. Arithmetic runs in float32, or float64 when any input is float64; res
 the dtype of the tensor they belong to (``T``/``dW`` to ``W``'s dtype, ``dM`` to ``M``'s dtype). Every
 fused kernel follows the same rule, so comparing against this module is comparing like with like.
 
+Special values. IEEE semantics in the compute dtype, with gradual underflow (no flush-to-zero), and
+one rule per case that every backend follows (``tests/test_fuzz.py`` checks them differentially):
+
+* **the mask decision** ``h(m) = m >= 0`` (``apply_mask``, ``dW``, the fused matmuls, the N:M scores,
+  the density): ``+0`` and ``-0`` are kept; a subnormal counts with its sign (a negative subnormal is
+  pruned, a positive one kept); ``+inf`` is kept, ``-inf`` pruned; NaN is pruned (``NaN >= 0`` is
+  False). It is exact -- kernels read it off the sign bit, the magnitude and a NaN test of the bits,
+  so a target that flushes subnormals in float compares or conversions cannot change it;
+* **M in the surrogates**: the branch tests are ``m > 0`` (leaky_relu, leaky_relu_reversed, relu) and
+  ``m >= 0`` (sigmoid's two formulas) with the same sign rule, so a subnormal ``m`` counts with its
+  sign (softplus and sigmoid of it equal their value at 0 up to rounding); ``s(+0) == s(-0)`` for
+  every surrogate; NaN: softplus and sigmoid give NaN, identity 1, leaky_relu ``alpha``,
+  leaky_relu_reversed 1, relu 0; ``+-inf``: softplus ``inf`` / 0, sigmoid 1 / 0, the others by sign.
+  The penalty's ``s(-m)`` negates exactly (sign bit);
+* **W**: ``T = where(h(M), W, 0)`` copies ``W`` bit for bit (NaN, inf, ``-0``, subnormals) where kept and
+  writes ``+0`` where pruned (a pruned NaN/inf weight vanishes; no ``W * 0``). ``c(W)`` for
+  ``rule="sign"`` is ``torch.sign``: +-1 for every nonzero non-NaN ``w`` (subnormals and infinities
+  included), 0 for ``+-0`` **and for NaN**; ``rule="chain"``: ``c = w`` (NaN/inf propagate).
+  ``inv_abs_weight``: ``|w| < 1e-15`` (``+-0``, subnormals) gives no penalty push (0), a NaN ``|w|``
+  gives a NaN penalty gradient (``clamp_min`` propagates NaN), ``|w| = inf`` gives ``+-0``;
+* **grad** (and every other operand of arithmetic): plain IEEE products and sums, no special cases:
+  ``dW = g * h`` is a product, so a NaN/inf ``g`` gives NaN also where pruned (``inf * 0``), and
+  ``-g * 0 = -0``; ``dM = (g * c(W)) * s(M)`` (``0 * inf = NaN``); the GEMMs of ``masked_linear`` and the
+  unit-granularity row sums propagate NaN/inf (``+inf + -inf = NaN``; an empty row sums to 0, so
+  ``dM = 0 * s(M)``); NaN propagates through the Adam step (a NaN ``grad`` makes that entry's
+  moments and ``aux`` NaN), and an update of exactly 0 leaves ``aux`` bit-identical (``m - 0 == m``);
+* **overflow** happens at the compute dtype's range: float32 for float16/bfloat16/float32 inputs
+  (e.g. an Adam update beyond ``3.4e38`` is ``inf``, ``aux`` becomes ``-+inf``), never in a wider
+  type; rounding to the output dtype is to nearest even (float64 -> bfloat16 through float32, as
+  ``c10::BFloat16``), with overflow to ``+-inf`` and NaN stored as NaN;
+* **N:M**: groups are ordered as ``torch.sort(descending=True, stable=True)``: ``-0 == +0`` (ties by
+  index, the lower kept), subnormals by value, NaN above ``+inf`` (NaNs tie). A group of finite values
+  keeps exactly ``n``; a NaN entry, a NaN threshold or ``inf - inf`` gives NaN scores (pruned);
+* **non-finite M**: the functional API and the layers reject it (``check_finite``); the raw
+  ``torch.ops.autoprune`` ops accept it and follow the rules above.
+
 The method (``shared/docs/method.md``):
 
 * forward ``T = W * h(M)`` with ``h(m) = 1 if m >= 0 else 0``;

@@ -10,6 +10,10 @@ float64, as in the reference)::
     m2 = beta2 * m2 + (1 - beta2) * g * g
     m  = m - (lr / bias1) * m1 / (sqrt(m2) / sqrt(bias2) + eps)
 
+Special values follow the reference: the surrogate branches test signs on the bits (subnormal
+``m`` counts with its sign), ``-m`` flips the sign bit, a NaN ``|w|`` gives a NaN gradient, and an
+update of exactly 0 leaves ``m`` bit-identical (a negative subnormal stays pruned).
+
 ``aux``, ``exp_avg`` and ``exp_avg_sq`` are read once and written once, in place, each in its own dtype
 (``grad`` and ``weight`` are only read). The bias corrections depend on the step only, so the host
 computes ``lr / bias1`` and ``sqrt(bias2)`` in float64 and passes them as scalars.
@@ -51,6 +55,8 @@ from ._common import (
     cast_for,
     compute_is_fp64,
     device_guard,
+    inv_abs_eps,
+    negate,
     scalar,
     split,
     surrogate,
@@ -69,21 +75,37 @@ _META_ROW = 10  # int64 slots per tensor row (ints, then floats as float64 bits,
 # kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _sqrt(x, FP64: tl.constexpr):
+    """``sqrt(x)``; float32 subnormals are scaled into the normal range first, since the GPU's fast
+    float32 square root flushes them to zero (``sqrt.approx.ftz.f32``: with ``eps = 0`` a subnormal
+    second moment would divide by 0)."""
+    if FP64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.where(x < 1.1754943508222875e-38, tl.sqrt(x * 18446744073709551616.0) * 2.3283064365386963e-10,
+                     tl.sqrt(x))
+    return r
+
+
+@triton.jit
 def _adam_body(
     AUX, M1, M2, G, WM, offs, msk,
     scale, lr_b, b2s, beta1, omb1, beta2, omb2, eps, rho, alpha,
     SURR: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, FP64: tl.constexpr,
 ):
     m = to_compute(tl.load(AUX + offs, mask=msk, other=0), FP64)
-    g = scale * (surrogate(m, alpha, SURR) - rho * surrogate(-m, alpha, SURR))
+    g = scale * (surrogate(m, alpha, SURR) - rho * surrogate(negate(m), alpha, SURR))
     if HAS_W:
+        # where(|w| < 1e-15, 0, g / max(|w|, 1e-15)) of the reference, with max() spelled out: a NaN
+        # |w| gives NaN (torch.clamp_min propagates it; the GPU's max.f32 would return 1e-15)
         w = tl.abs(to_compute(tl.load(WM + offs, mask=msk, other=0), FP64))
-        g = tl.where(w < 1e-15, 0.0, g / tl.maximum(w, 1e-15))
+        g = tl.where(w < inv_abs_eps(FP64), 0.0, g / w)
     if HAS_G:
         g = g + to_compute(tl.load(G + offs, mask=msk, other=0), FP64)
     m1 = to_compute(tl.load(M1 + offs, mask=msk, other=0), FP64) * beta1 + omb1 * g
     m2 = to_compute(tl.load(M2 + offs, mask=msk, other=0), FP64) * beta2 + omb2 * g * g
-    new = m - lr_b * m1 / (tl.sqrt(m2) / b2s + eps)
+    delta = lr_b * m1 / (_sqrt(m2, FP64) / b2s + eps)
+    new = tl.where(delta == 0.0, m, m - delta)  # m - 0 == m bit for bit, even where subnormals flush
     tl.store(M1 + offs, cast_for(m1, M1), mask=msk)
     tl.store(M2 + offs, cast_for(m2, M2), mask=msk)
     tl.store(AUX + offs, cast_for(new, AUX), mask=msk)

@@ -52,7 +52,7 @@ def compile_variant(kernel, sig: dict, consts: dict, arch: int, num_warps: int =
 
 def variants(full: bool):
     """Yield ``(label, kernel, signature, constexprs, num_warps, num_stages)``."""
-    from . import adam, elementwise, masked_matmul
+    from . import adam, elementwise, masked_matmul, nm
 
     ew_dtypes = [("bf16", "fp32"), ("fp16", "bf16"), ("fp32", "fp32"), ("fp64", "bf16")]
     surr_rules = [(s, r) for s in range(6) for r in range(2)] if full else [(0, 0), (1, 1), (3, 0)]
@@ -108,7 +108,7 @@ def variants(full: bool):
                 for even in (True, False):
                     sig = dict(A=PTR[dt], B=PTR[dt], AUX=PTR[ad], BIAS=PTR[dt], C=PTR[dt], M="i32", N="i32",
                                K="i32", M_BUCKET="i32")
-                    consts = dict(MASK_MODE=mode, HAS_BIAS=transposed, FP64=fp64, AUX_FP64=ad == "fp64",
+                    consts = dict(MASK_MODE=mode, HAS_BIAS=transposed, FP64=fp64,
                                   DOT_PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=even)
                     if transposed:  # forward: B[k, n] = W[n, k]
                         consts["stride_bk"], sig["stride_bn"] = 1, "i32"
@@ -130,12 +130,19 @@ def variants(full: bool):
                dict(DMP=PTR[acc], AUX=PTR[ad], DM=PTR[ad], N="i32", cols="i32", alpha_hi="fp32", alpha_lo="fp32"),
                dict(SURR=0, FP64=fp64, BLOCK_R=16, BLOCK_C=256), 4, 3)
 
+    for ad in ("bf16", "fp16", "fp32", "fp64"):
+        for mp in (4, 32) if full else (4,):
+            yield (f"nm_scores {ad} MP={mp}", nm._nm_scores_kernel,
+                   dict(AUX=PTR[ad], OUT=PTR[ad], groups="i32", n="i32", m="i32"),
+                   dict(FP64=ad == "fp64", MP=mp, BLOCK_G=nm.BLOCK_G), 4, 3)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="sm arch (default: 80 and 90)")
     parser.add_argument("--full", action="store_true", help="every surrogate/rule and every autotune tile")
-    parser.add_argument("--verbose", action="store_true", help="print global memory instructions per variant")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print global memory instructions and flush-to-zero (.ftz) instructions per variant")
     args = parser.parse_args(argv)
     from . import _common
 
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             line = f"ok   sm_{arch} {label} (shared {k.metadata.shared} B)"
             if args.verbose:
                 mem = sorted(set(re.findall(r"(?:ld|st)\.global[\.\w]*", k.asm["ptx"])))
-                line += f" {mem}"
+                ftz = sorted(set(re.findall(r"\b[a-z0-9]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*", k.asm["ptx"])))
+                line += f" {mem} ftz={ftz}"
             print(line, flush=True)
     print(f"compile_check: {total - failed}/{total} compiled for sm_{archs} in {time.time() - t0:.0f} s "
           f"(triton {triton.__version__})")

@@ -8,6 +8,10 @@ Two layouts, chosen by granularity (:func:`autoprune_ext.reference.granularity_o
   row and ``dM[row] = s(M[row]) * sum_cols g * c(W)`` is reduced in registers (deterministic, no
   atomics, no second pass), while ``dW`` is written in the same sweep.
 
+The mask decision ``h(M)`` is read off ``M``'s bits (:func:`._common.keep`: ``-0`` kept, NaN and
+negative subnormals pruned, whatever the target's flush-to-zero mode); ``dW = g * h`` is a product,
+as in the reference (NaN/inf in ``g`` give NaN where pruned).
+
 Bytes per element (W bf16, M fp32, weight granularity): ``apply_mask`` reads 2 + 4 and writes 2;
 ``mask_backward`` reads ``g`` and ``M`` (+ ``W`` only when ``dM`` is requested) and writes only the
 requested gradients. Offsets are int64 (``program_id`` widened first), inputs are made contiguous on
@@ -29,6 +33,7 @@ from ._common import (
     compute_is_fp64,
     contiguous,
     device_guard,
+    keep,
     rule_factor,
     scalar,
     split,
@@ -50,8 +55,8 @@ def _apply_mask_flat_kernel(W, AUX, T, n, FP64: tl.constexpr, BLOCK: tl.constexp
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     msk = offs < n
     w = tl.load(W + offs, mask=msk)
-    m = to_compute(tl.load(AUX + offs, mask=msk, other=0), FP64)
-    tl.store(T + offs, tl.where(m >= 0, w, 0.0).to(T.dtype.element_ty), mask=msk)
+    kept = keep(tl.load(AUX + offs, mask=msk, other=0))
+    tl.store(T + offs, tl.where(kept, w, 0.0).to(T.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -61,14 +66,14 @@ def _apply_mask_rows_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    keep = (to_compute(tl.load(AUX + rows, mask=rmask, other=0), FP64) >= 0)[:, None]
+    kept = keep(tl.load(AUX + rows, mask=rmask, other=0))[:, None]
     base = rows[:, None] * C
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         msk = rmask[:, None] & (cols < C)[None, :]
         offs = base + cols[None, :]
         w = tl.load(W + offs, mask=msk)
-        tl.store(T + offs, tl.where(keep, w, 0.0).to(T.dtype.element_ty), mask=msk)
+        tl.store(T + offs, tl.where(kept, w, 0.0).to(T.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -83,7 +88,7 @@ def _mask_backward_flat_kernel(
     g = to_compute(tl.load(G + offs, mask=msk, other=0), FP64)
     m = to_compute(tl.load(AUX + offs, mask=msk, other=0), FP64)
     if NEED_DW:
-        tl.store(DW + offs, cast_for(g * (m >= 0).to(g.dtype), DW), mask=msk)
+        tl.store(DW + offs, cast_for(g * keep(m).to(g.dtype), DW), mask=msk)
     if NEED_DM:
         alpha = scalar(alpha_hi, alpha_lo, FP64)
         w = to_compute(tl.load(W + offs, mask=msk, other=0), FP64)
@@ -101,7 +106,7 @@ def _mask_backward_rows_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     m = to_compute(tl.load(AUX + rows, mask=rmask, other=0), FP64)
-    keep = (m >= 0).to(m.dtype)[:, None]
+    h = keep(m).to(m.dtype)[:, None]
     base = rows[:, None] * C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=m.dtype)
     for c0 in range(0, C, BLOCK_C):
@@ -110,7 +115,7 @@ def _mask_backward_rows_kernel(
         offs = base + cols[None, :]
         g = to_compute(tl.load(G + offs, mask=msk, other=0), FP64)
         if NEED_DW:
-            tl.store(DW + offs, cast_for(g * keep, DW), mask=msk)
+            tl.store(DW + offs, cast_for(g * h, DW), mask=msk)
         if NEED_DM:
             w = to_compute(tl.load(W + offs, mask=msk, other=0), FP64)
             acc += tl.where(msk, g * rule_factor(w, RULE), 0.0)
@@ -171,12 +176,18 @@ def mask_backward(
     dW = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_weight_grad else None
     dM = torch.empty(a.shape, dtype=a.dtype, device=a.device) if need_aux_grad else None
     n = w.numel()
-    if n == 0:
-        if dM is not None and unit:
-            dM.zero_()  # a sum over zero columns
-        return dW, dM
     fp64 = compute_is_fp64(g, w, a)
     ahi, alo = split(alpha)
+    if n == 0:
+        if dM is not None and unit and dM.numel():  # rows of zero columns: dM = 0 * s(M), NaN for s = NaN/inf
+            br, bc = _row_tiles(w.shape[0], 0)
+            with device_guard(w):
+                _mask_backward_rows_kernel[(triton.cdiv(w.shape[0], br),)](
+                    g, w, a, g, dM, w.shape[0], 0, ahi, alo, SURR=SURROGATE_CODES[surrogate_name],
+                    RULE=RULE_CODES[rule], NEED_DW=False, NEED_DM=True, FP64=fp64, BLOCK_R=br, BLOCK_C=bc,
+                    num_warps=NUM_WARPS,
+                )
+        return dW, dM
     dw_arg = dW if dW is not None else g  # never written when not requested
     dm_arg = dM if dM is not None else a
     flags = dict(

@@ -16,7 +16,9 @@ Kernels
 Each ``W`` tile is loaded together with its ``M`` tile (weight granularity) or the ``M`` entries of
 its rows (unit granularity, loaded once per program when they index the output), and
 ``where(M >= 0, W, 0)`` is applied in registers before ``tl.dot``: exactly ``T``'s values (NaN/inf
-in pruned weights are dropped as by the reference), with no ``T`` buffer and no extra pass.
+in pruned weights are dropped as by the reference), with no ``T`` buffer and no extra pass. The
+decision is read off ``M``'s bits (:func:`._common.keep`: ``-0`` kept, NaN and negative subnormals
+pruned, on any target).
 
 ``_masked_dt_kernel`` -- ``dT = dY^T X`` tile by tile (``[BLOCK_N, BLOCK_K]`` tiles of ``[N, K]``,
 reduction over the tokens), and in the epilogue, with ``dT`` still in fp32 registers: ``dW = dT h(M)``
@@ -56,9 +58,11 @@ from ._common import (
     _INTERPRETED,
     RULE_CODES,
     SURROGATE_CODES,
+    _bf16_to_f32,
     cast_for,
     contiguous,
     device_guard,
+    keep,
     rule_factor,
     scalar,
     split,
@@ -130,8 +134,8 @@ def _grouped_pids(pid, num_a, num_b, GROUP: tl.constexpr):
 def _dot(a, b, acc, DOT_PREC: tl.constexpr):
     if _INTERPRETED:
         if a.dtype.is_bf16():  # the interpreter multiplies raw bf16 bits; fp32 products are exact
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            a = _bf16_to_f32(a)  # on the bits: the interpreter's own conversion garbles subnormals
+            b = _bf16_to_f32(b)
     if DOT_PREC == 1:
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     elif DOT_PREC == 2:
@@ -153,7 +157,7 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 @triton.jit
 def _masked_mm_kernel(
     A, B, AUX, BIAS, C, M, N, K, M_BUCKET, stride_bk, stride_bn,
-    MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FP64: tl.constexpr, AUX_FP64: tl.constexpr,
+    MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FP64: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -170,7 +174,7 @@ def _masked_mm_kernel(
     if MASK_MODE == 0:
         x_ptrs = AUX + b_off
     if MASK_MODE == 1:
-        keep_n = to_compute(tl.load(AUX + rn), AUX_FP64) >= 0
+        keep_n = keep(tl.load(AUX + rn))
     if FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
@@ -188,7 +192,7 @@ def _masked_mm_kernel(
                 mx = tl.load(x_ptrs)
             else:
                 mx = tl.load(x_ptrs, mask=rk[:, None] < k_left, other=0.0)
-            b = tl.where(to_compute(mx, AUX_FP64) >= 0, b, 0.0)
+            b = tl.where(keep(mx), b, 0.0)
             x_ptrs += BLOCK_K * stride_bk
         elif MASK_MODE == 1:
             b = tl.where(keep_n[None, :], b, 0.0)
@@ -197,7 +201,7 @@ def _masked_mm_kernel(
                 mk = tl.load(AUX + kt * BLOCK_K + rk)
             else:
                 mk = tl.load(AUX + kt * BLOCK_K + rk, mask=rk < k_left, other=0.0)
-            b = tl.where((to_compute(mk, AUX_FP64) >= 0)[:, None], b, 0.0)
+            b = tl.where(keep(mk)[:, None], b, 0.0)
         acc = _dot(a, b, acc, DOT_PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
@@ -263,7 +267,7 @@ def _masked_dt_kernel(
         m_row = to_compute(tl.load(AUX + en, mask=nmask, other=0.0), FP64)
         m = m_row[:, None]
     if NEED_DW:
-        tl.store(DW + w_off, cast_for(acc * (m >= 0).to(acc.dtype), DW), mask=msk)
+        tl.store(DW + w_off, cast_for(acc * keep(m).to(acc.dtype), DW), mask=msk)
     if NEED_DM:
         w = to_compute(tl.load(W + w_off, mask=msk, other=0.0), FP64)
         gc = acc * rule_factor(w, RULE)
@@ -348,7 +352,7 @@ def masked_matmul(a: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None, t
         _masked_mm_kernel[grid](
             a, w, m, b if b is not None else a, out, Mt, N, K, _bucket(Mt), stride_bk, stride_bn,
             MASK_MODE=mode, HAS_BIAS=b is not None, FP64=a.dtype == torch.float64,
-            AUX_FP64=m.dtype == torch.float64, DOT_PREC=_dot_precision(a.dtype, a.device),
+            DOT_PREC=_dot_precision(a.dtype, a.device),
         )
     return out
 

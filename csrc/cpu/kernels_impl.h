@@ -121,6 +121,11 @@ AP_INLINE float sigmoid_f(float x) {
 AP_INLINE double softplus_d(double x) { return x > 20.0 ? x : __builtin_log1p(__builtin_exp(x)); }
 AP_INLINE double sigmoid_d(double x) { return 1.0 / (1.0 + __builtin_exp(-x)); }
 
+// square root in the compute precision (a float must not go through the double __builtin_sqrt: the
+// update would then be computed in double, with double's range -- no float overflow to inf)
+AP_INLINE float sqrt_ct(float x) { return __builtin_sqrtf(x); }
+AP_INLINE double sqrt_ct(double x) { return __builtin_sqrt(x); }
+
 AP_INLINE float softplus_ct(float x) { return softplus_f(x); }
 AP_INLINE double softplus_ct(double x) { return softplus_d(x); }
 AP_INLINE float sigmoid_ct(float x) { return sigmoid_f(x); }
@@ -495,6 +500,7 @@ static void backward_unit_finish(const BackwardArgs& a, int64_t begin, int64_t e
 // ------------------------------------------------------------------------------------------------
 // aux_adam_step_ (reference.aux_adam_step_ / penalty_grad), one pass, in place:
 //   p  = scale * (s(m) - rho * s(-m));  with weight: p = |w| < 1e-15 ? 0 : p / max(|w|, 1e-15)
+//        (max as torch.clamp_min: a NaN |w| gives a NaN p)
 //   g  = p + grad
 //   m1 = exp_avg * beta1 + (1 - beta1) * g;   m2 = exp_avg_sq * beta2 + (1 - beta2) * g * g
 //   m  = m - (lr / bias1) * m1 / (sqrt(m2) / sqrt(bias2) + eps)
@@ -521,7 +527,8 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
       const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
       for (int64_t i = 0; i < n; ++i) {
         const CT aw = w[i] < CT(0) ? -w[i] : w[i];
-        g[i] = aw < tiny ? CT(0) : g[i] / (aw > tiny ? aw : tiny);
+        // g / max(|w|, tiny) where |w| >= tiny is g / |w|; a NaN |w| gives NaN (as torch.clamp_min)
+        g[i] = aw < tiny ? CT(0) : g[i] / aw;
       }
     }
     if (a.grad) {
@@ -535,7 +542,7 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
       const CT m2 = e2[i] * beta2 + omb2 * gi * gi;
       o1buf[i] = m1;
       o2buf[i] = m2;
-      oabuf[i] = m[i] - step_size * m1 / (__builtin_sqrt(m2) / bias2_sqrt + eps);
+      oabuf[i] = m[i] - step_size * m1 / (sqrt_ct(m2) / bias2_sqrt + eps);
     }
     store_block<CT>(o1buf, a.exp_avg, a.exp_avg_dt, off, n);
     store_block<CT>(o2buf, a.exp_avg_sq, a.exp_avg_sq_dt, off, n);

@@ -358,7 +358,8 @@ __device__ __forceinline__ void adam_group(const ap_adam_tensor& t, const ap_ada
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const CT aw = abs_(w[k]);
-      g[k] = aw < tiny ? CT(0) : g[k] / (aw > tiny ? aw : tiny);
+      // g / max(|w|, tiny) where |w| >= tiny is g / |w|; a NaN |w| gives NaN (as torch.clamp_min)
+      g[k] = aw < tiny ? CT(0) : g[k] / aw;
     }
   }
   if (t.grad != nullptr) {
