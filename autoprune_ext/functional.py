@@ -2,7 +2,8 @@
 
 Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then
 calls one registered op (``torch.ops.autoprune.*``), so the same code runs eagerly, under
-``torch.compile`` and on every backend. Backward computes the AutoPrune coarse gradient and only the
+``torch.compile`` and on every backend. Plain eager calls take the op layer's fast path (the same
+checks and backend code without the custom op's Python dispatch layers; see ``ops.eager_fast``). Backward computes the AutoPrune coarse gradient and only the
 gradients autograd needs: with ``weight`` frozen no ``dW`` work is done, with ``aux`` frozen no
 ``dM`` work.
 """
@@ -14,14 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
+from . import ops as _ops
 
 _IntOrTuple = int | tuple[int, ...]
 
 
 def _prepare(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float) -> float:
+    # the finiteness test of aux comes with the op call (check_finite=True): fused into the kernel
+    # where the backend can
     _checks.check_names(surrogate, rule, alpha)
-    _checks.check_mask_pair(weight, aux)
+    _checks.check_mask_pair(weight, aux, finite=False)
     return float(alpha)
 
 
@@ -42,7 +45,7 @@ def apply_mask(
         ``dW = g * h(M)`` and the coarse ``dM``.
     """
     alpha = _prepare(weight, aux, surrogate, rule, alpha)
-    return torch.ops.autoprune.apply_mask(weight, aux, surrogate, rule, alpha)
+    return _ops.call_apply_mask(weight, aux, surrogate, rule, alpha, check_finite=True)
 
 
 def masked_linear(
@@ -64,7 +67,7 @@ def masked_linear(
     _checks.check_tensor(input, "input")  # the op checks the rest; a non-tensor would fail its schema first
     if bias is not None:
         _checks.check_tensor(bias, "bias")
-    return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
+    return _ops.call_masked_linear(input, weight, aux, bias, surrogate, rule, alpha, check_finite=True)
 
 
 def _check_conv_args(input: Tensor, weight: Tensor, bias: Tensor | None, dims: int) -> None:
@@ -137,7 +140,7 @@ def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
     """
     _checks.check_nm_args(aux, n, m)
     _checks.check_finite(aux, "aux")
-    return torch.ops.autoprune.nm_scores(aux, n, m)
+    return _ops.call_nm_scores(aux, n, m)
 
 
 def apply_nm_mask(

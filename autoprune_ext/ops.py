@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _checks, backends
 
@@ -84,10 +86,18 @@ def _check_mask_backward_args(grad, weight, aux, surrogate, rule, alpha) -> None
 # --------------------------------------------------------------------------------------------------
 # apply_mask / mask_backward
 # --------------------------------------------------------------------------------------------------
+def _apply_mask_impl(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float,
+                     check_finite: bool = False) -> Tensor:
+    _check_mask_args(weight, aux, surrogate, rule, alpha)
+    backend = backends.select(weight.device)
+    if check_finite and _checks._finite_checks_enabled():
+        return backend.apply_mask_checked(weight, aux)
+    return backend.apply_mask(weight, aux)
+
+
 @torch.library.custom_op("autoprune::apply_mask", mutates_args=())
 def apply_mask(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float) -> Tensor:
-    _check_mask_args(weight, aux, surrogate, rule, alpha)
-    return backends.select(weight.device).apply_mask(weight, aux)
+    return _apply_mask_impl(weight, aux, surrogate, rule, alpha)
 
 
 @apply_mask.register_fake
@@ -107,6 +117,10 @@ def mask_backward(
     need_weight_grad: bool,
     need_aux_grad: bool,
 ) -> tuple[Tensor, Tensor]:
+    return _mask_backward_impl(grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad)
+
+
+def _mask_backward_impl(grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad):
     _check_mask_backward_args(grad, weight, aux, surrogate, rule, alpha)
     dW, dM = backends.select(weight.device).mask_backward(
         grad, weight, aux, surrogate, rule, alpha, need_weight_grad, need_aux_grad
@@ -129,13 +143,13 @@ def _apply_mask_setup(ctx, inputs, output) -> None:
     ctx.backend = backends.forced()
 
 
-def _apply_mask_backward(ctx, grad):
+def _apply_mask_backward(ctx, grad, mask_backward=None):
     weight, aux = ctx.saved_tensors
     need_w, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_w or need_m):
         return None, None, None, None, None
     with _backend_scope(ctx.backend):
-        dW, dM = torch.ops.autoprune.mask_backward(grad, weight, aux, *ctx.options, need_w, need_m)
+        dW, dM = (mask_backward or torch.ops.autoprune.mask_backward)(grad, weight, aux, *ctx.options, need_w, need_m)
     return (dW if need_w else None), (dM if need_m else None), None, None, None
 
 
@@ -147,6 +161,10 @@ torch.library.register_autograd("autoprune::apply_mask", _apply_mask_backward, s
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("autoprune::nm_scores", mutates_args=())
 def nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
+    return _nm_scores_impl(aux, n, m)
+
+
+def _nm_scores_impl(aux: Tensor, n: int, m: int) -> Tensor:
     _checks.check_nm_args(aux, n, m)
     return backends.select(aux.device).nm_scores(aux, n, m)
 
@@ -196,9 +214,16 @@ def _check_linear_args(input: Tensor, weight: Tensor, bias: Tensor | None) -> No
 def masked_linear(
     input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None, surrogate: str, rule: str, alpha: float
 ) -> Tensor:
+    return _masked_linear_impl(input, weight, aux, bias, surrogate, rule, alpha)
+
+
+def _masked_linear_impl(input, weight, aux, bias, surrogate, rule, alpha, check_finite: bool = False) -> Tensor:
     _check_mask_args(weight, aux, surrogate, rule, alpha)
     _check_linear_args(input, weight, bias)
-    return backends.select(weight.device).masked_linear(input, weight, aux, bias)
+    backend = backends.select(weight.device)
+    if check_finite and _checks._finite_checks_enabled():
+        return backend.masked_linear_checked(input, weight, aux, bias)
+    return backend.masked_linear(input, weight, aux, bias)
 
 
 @masked_linear.register_fake
@@ -236,6 +261,12 @@ def masked_linear_backward(
     need_aux_grad: bool,
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _masked_linear_backward_impl(grad_out, input, weight, aux, surrogate, rule, alpha,
+                                        need_input_grad, need_weight_grad, need_aux_grad, need_bias_grad)
+
+
+def _masked_linear_backward_impl(grad_out, input, weight, aux, surrogate, rule, alpha,
+                                 need_input_grad, need_weight_grad, need_aux_grad, need_bias_grad):
     _check_linear_backward_args(grad_out, input, weight, aux, surrogate, rule, alpha)
     dX, dW, dM, db = backends.select(weight.device).masked_linear_backward(
         grad_out, input, weight, aux, surrogate, rule, alpha,
@@ -267,14 +298,14 @@ def _masked_linear_setup(ctx, inputs, output) -> None:
     ctx.backend = backends.forced()
 
 
-def _masked_linear_backward(ctx, grad_out):
+def _masked_linear_backward(ctx, grad_out, linear_backward=None):
     input, weight, aux = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_b = bool(need[3]) and ctx.bias_dtype is not None
     if not (need[0] or need[1] or need[2] or need_b):
         return None, None, None, None, None, None, None
     with _backend_scope(ctx.backend):
-        dX, dW, dM, db = torch.ops.autoprune.masked_linear_backward(
+        dX, dW, dM, db = (linear_backward or torch.ops.autoprune.masked_linear_backward)(
             grad_out, input, weight, aux, *ctx.options, need[0], need[1], need[2], need_b
         )
     return (
@@ -409,6 +440,12 @@ def aux_adam_step_(
     surrogate: str,
     alpha: float,
 ) -> None:
+    _aux_adam_step_impl(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                        surrogate, alpha)
+
+
+def _aux_adam_step_impl(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                        surrogate, alpha) -> None:
     _check_single(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho,
                   surrogate, alpha, memory=True)
     backends.select(aux.device).aux_adam_step_(
@@ -442,6 +479,12 @@ def aux_adam_step_multi_(
     surrogate: str,
     alpha: float,
 ) -> None:
+    _aux_adam_step_multi_impl(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1, beta2,
+                              eps, rho, surrogate, alpha)
+
+
+def _aux_adam_step_multi_impl(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1, beta2,
+                              eps, rho, surrogate, alpha) -> None:
     check_aux_adam_step_multi_args(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
                                    lr, beta1, beta2, eps, rho, surrogate, alpha, memory=True)
     if not aux:
@@ -456,6 +499,139 @@ def _(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1
     check_aux_adam_step_multi_args(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
                                    lr, beta1, beta2, eps, rho, surrogate, alpha, memory=False)
     return None
+
+# --------------------------------------------------------------------------------------------------
+# eager fast path
+# --------------------------------------------------------------------------------------------------
+# An eager call of a Python custom op runs its autograd, ADInplaceOrView and backend layers in Python:
+# about 150 us per call on CPU, which is most of a small layer's step. Plain eager calls skip those
+# layers and run the same checks and the same backend code, under a torch.autograd.Function (the
+# differentiable ops) or directly with the version bump that the op's ADInplaceOrView layer does (the
+# Adam steps). Whatever the dispatcher must see takes the registered op: torch.compile, jit tracing,
+# a dispatch or function mode (FakeTensorMode, FlopCounterMode, a device context), functorch
+# transforms, tensor subclasses (DTensor, FakeTensor), meta tensors; and AUTOPRUNE_EAGER_FAST=0.
+_PLAIN: tuple[type, ...] = (Tensor, torch.nn.Parameter)
+
+
+def eager_fast(*tensors: Tensor | None) -> bool:
+    """Whether a call with these tensor arguments may take the eager fast path (see above)."""
+    if os.environ.get("AUTOPRUNE_EAGER_FAST", "1") == "0":
+        return False
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+class _ApplyMaskFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, aux, surrogate, rule, alpha, check_finite):  # type: ignore[override]
+        out = _apply_mask_impl(weight, aux, surrogate, rule, alpha, check_finite)
+        _apply_mask_setup(ctx, (weight, aux, surrogate, rule, alpha), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        return *_apply_mask_backward(ctx, grad, _mask_backward_impl), None
+
+
+class _NMScoresFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, aux, n, m):  # type: ignore[override]
+        return _nm_scores_impl(aux, n, m)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        return _nm_scores_backward(ctx, grad)
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, aux, bias, surrogate, rule, alpha, check_finite):  # type: ignore[override]
+        out = _masked_linear_impl(input, weight, aux, bias, surrogate, rule, alpha, check_finite)
+        _masked_linear_setup(ctx, (input, weight, aux, bias, surrogate, rule, alpha), out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        return *_masked_linear_backward(ctx, grad_out, _masked_linear_backward_impl), None
+
+
+def call_apply_mask(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float, *,
+                    check_finite: bool = False) -> Tensor:
+    """``torch.ops.autoprune.apply_mask``, through the eager fast path where allowed.
+
+    ``check_finite``: first raise ``ValueError`` if ``aux`` holds NaN/inf (the functional API's
+    test; on the fast path a backend may fuse it into its kernel)."""
+    if eager_fast(weight, aux):
+        return _ApplyMaskFn.apply(weight, aux, surrogate, rule, alpha, check_finite)
+    if check_finite:
+        _checks.check_finite(aux, "aux")
+    return torch.ops.autoprune.apply_mask(weight, aux, surrogate, rule, alpha)
+
+
+def call_nm_scores(aux: Tensor, n: int, m: int) -> Tensor:
+    """``torch.ops.autoprune.nm_scores``, through the eager fast path where allowed."""
+    if eager_fast(aux):
+        return _NMScoresFn.apply(aux, n, m)
+    return torch.ops.autoprune.nm_scores(aux, n, m)
+
+
+def call_masked_linear(input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None, surrogate: str, rule: str,
+                       alpha: float, *, check_finite: bool = False) -> Tensor:
+    """``torch.ops.autoprune.masked_linear``, through the eager fast path where allowed
+    (``check_finite`` as in :func:`call_apply_mask`)."""
+    if eager_fast(input, weight, aux, bias):
+        return _MaskedLinearFn.apply(input, weight, aux, bias, surrogate, rule, alpha, check_finite)
+    if check_finite:
+        _checks.check_finite(aux, "aux")
+    return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
+
+
+def _fast_inplace(written: Sequence[Tensor], read: Sequence[Tensor | None]) -> bool:
+    # the registered op refuses (through autograd) to write a tensor that requires grad while grad
+    # mode is on: such a call keeps the op's behaviour
+    if torch.is_grad_enabled() and any(t.requires_grad for t in written if isinstance(t, Tensor)):
+        return False
+    return all(isinstance(t, Tensor) for t in written) and eager_fast(*written, *read)
+
+
+def _bump_versions(tensors: Sequence[Tensor]) -> None:
+    for t in tensors:  # what the op's ADInplaceOrView layer does: autograd sees the in-place write
+        torch.autograd.graph.increment_version(t)
+
+
+def call_aux_adam_step_multi_(aux: Sequence[Tensor], exp_avg: Sequence[Tensor], exp_avg_sq: Sequence[Tensor],
+                              grads: Sequence[Tensor | None], weights: Sequence[Tensor | None], steps: Sequence[int],
+                              penalty_scales: Sequence[float], lr: float, beta1: float, beta2: float, eps: float,
+                              rho: float, surrogate: str, alpha: float) -> None:
+    """``torch.ops.autoprune.aux_adam_step_multi_``, through the eager fast path where allowed."""
+    written = (*aux, *exp_avg, *exp_avg_sq)
+    if not _fast_inplace(written, (*grads, *weights)):
+        torch.ops.autoprune.aux_adam_step_multi_(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
+                                                 lr, beta1, beta2, eps, rho, surrogate, alpha)
+        return
+    _aux_adam_step_multi_impl(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1, beta2,
+                              eps, rho, surrogate, alpha)
+    _bump_versions(written)
+
+
+def call_aux_adam_step_(aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor | None,
+                        weight: Tensor | None, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                        penalty_scale: float, rho: float, surrogate: str, alpha: float) -> None:
+    """``torch.ops.autoprune.aux_adam_step_``, through the eager fast path where allowed."""
+    args = (aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate, alpha)
+    if not _fast_inplace((aux, exp_avg, exp_avg_sq), (grad, weight)):
+        torch.ops.autoprune.aux_adam_step_(*args)
+        return
+    _aux_adam_step_impl(*args)
+    _bump_versions((aux, exp_avg, exp_avg_sq))
 
 
 def op_names() -> Sequence[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from . import ops as _ops  # noqa: F401  (registers torch.ops.autoprune)
+from . import ops as _ops
 from . import reference as ref
 from .convert import masked_modules
 from .sparsity import is_dtensor, local, sum_over_shards
@@ -509,13 +509,13 @@ class AuxAdam(torch.optim.Optimizer):
             )
         if call["kind"] == "fused":
             try:
-                torch.ops.autoprune.aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales,
-                                                         lr, beta1, beta2, eps, rho, surrogate, alpha)
+                _ops.call_aux_adam_step_multi_(auxes, m1s, m2s, grads, mags, steps, pscales,
+                                               lr, beta1, beta2, eps, rho, surrogate, alpha)
             except (TypeError, ValueError) as exc:  # raised by the op's checks, before it wrote anything
                 raise self._with_names(exc, call) from None
         else:
             for i in range(len(auxes)):
-                torch.ops.autoprune.aux_adam_step_(
+                _ops.call_aux_adam_step_(
                     auxes[i], m1s[i], m2s[i], grads[i], mags[i], steps[i], lr, beta1, beta2, eps, pscales[i], rho,
                     surrogate, alpha,
                 )

@@ -74,14 +74,32 @@ at::Tensor new_output(const at::Tensor& like) {
 // ------------------------------------------------------------------------------------------------
 // CPU kernels
 // ------------------------------------------------------------------------------------------------
-at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
-                          c10::string_view rule, double alpha) {
-  const bool unit = check_mask_call(nullptr, weight, aux, surrogate, rule, alpha, c10::DeviceType::CPU).unit;
+[[noreturn]] void throw_nonfinite_aux() {
+  // the message of autoprune_ext._checks.check_finite(aux, "aux")
+  TORCH_CHECK_VALUE(false, "aux: expected finite values, found NaN or inf");
+  __builtin_unreachable();
+}
+
+// unit granularity: aux has one entry per row, a short serial loop
+bool all_finite_rows(const at::Tensor& a) {
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "aux_all_finite", [&] {
+    const scalar_t* p = a.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; ok && i < a.numel(); ++i) ok = std::isfinite(static_cast<double>(p[i]));
+  });
+  return ok;
+}
+
+// T; with `check_finite`, first (unit granularity) or in the same pass (weight granularity) the
+// functional API's test that aux holds no NaN/inf, raised as its ValueError
+at::Tensor apply_mask_into(const at::Tensor& weight, const at::Tensor& aux, bool unit, bool check_finite) {
+  const at::Tensor a = aux.contiguous();
+  if (check_finite && unit && !all_finite_rows(a)) throw_nonfinite_aux();
   at::Tensor out = new_output(weight);
   const int64_t numel = weight.numel();
   if (numel == 0) return out;
   const at::Tensor w = weight.contiguous();
-  const at::Tensor a = aux.contiguous();
+  int32_t nonfinite = 0;
   cpu::ApplyMaskArgs args{};
   args.weight = w.const_data_ptr();
   args.weight_dt = dtype_code(w, "weight");
@@ -90,9 +108,28 @@ at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& aux, c10::
   args.out = out.mutable_data_ptr();
   args.numel = numel;
   args.row_len = unit ? numel / weight.size(0) : 0;
+  args.nonfinite = check_finite && !unit ? &nonfinite : nullptr;
   const auto& k = kernel_table();
   at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { k.apply_mask(args, b, e); });
+  if (nonfinite) throw_nonfinite_aux();
   return out;
+}
+
+at::Tensor apply_mask_cpu(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
+                          c10::string_view rule, double alpha) {
+  const bool unit = check_mask_call(nullptr, weight, aux, surrogate, rule, alpha, c10::DeviceType::CPU).unit;
+  return apply_mask_into(weight, aux, unit, false);
+}
+
+// apply_mask (default options) that raises the functional API's ValueError if aux holds NaN/inf
+at::Tensor apply_mask_checked_cpu(const at::Tensor& weight, const at::Tensor& aux) {
+  const bool unit = check_mask_call(nullptr, weight, aux, "softplus", "sign", 0.1, c10::DeviceType::CPU).unit;
+  return apply_mask_into(weight, aux, unit, true);
+}
+
+at::Tensor masked_linear_checked_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+                                     const std::optional<at::Tensor>& bias) {
+  return at::linear(input, apply_mask_checked_cpu(weight, aux), bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
@@ -275,6 +312,15 @@ at::Tensor apply_mask_meta(const at::Tensor& weight, const at::Tensor& aux, c10:
   return at::empty_symint(weight.sym_sizes(), weight.options());
 }
 
+at::Tensor apply_mask_checked_meta(const at::Tensor& weight, const at::Tensor&) {
+  return at::empty_symint(weight.sym_sizes(), weight.options());
+}
+
+at::Tensor masked_linear_checked_meta(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+                                      const std::optional<at::Tensor>& bias) {
+  return at::linear(input, apply_mask_checked_meta(weight, aux), bias);
+}
+
 std::tuple<at::Tensor, at::Tensor> mask_backward_meta(const at::Tensor& grad, const at::Tensor& weight,
                                                       const at::Tensor& aux, c10::string_view, c10::string_view,
                                                       double, bool need_weight_grad, bool need_aux_grad) {
@@ -356,6 +402,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
   return {dX, dW, dM, db};
 }
 
+// CPU, weight granularity: dT = g^T X first, then one pass over dT, W and M writes dM, T (for
+// dX = g @ T) and dW in place of dT -- instead of a second apply_mask pass over W and M and a fresh
+// dW. The results are those of the composition above, bit for bit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+    c10::string_view surrogate, c10::string_view rule, double alpha, bool need_input_grad, bool need_weight_grad,
+    bool need_aux_grad, bool need_bias_grad) {
+  const MaskCall c = check_mask_call(nullptr, weight, aux, surrogate, rule, alpha, c10::DeviceType::CPU);
+  if (c.unit || !need_input_grad || !(need_weight_grad || need_aux_grad) || weight.numel() == 0 ||
+      weight.dim() != 2 || grad_out.scalar_type() != weight.scalar_type() ||
+      input.scalar_type() != weight.scalar_type())
+    return masked_linear_backward(grad_out, input, weight, aux, surrogate, rule, alpha, need_input_grad,
+                                  need_weight_grad, need_aux_grad, need_bias_grad);
+  const int64_t in_features = weight.size(1), out_features = weight.size(0);
+  const int64_t tokens = in_features == 0 ? 0 : input.numel() / in_features;
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features});
+  at::Tensor dT = g2.t().mm(input.reshape({tokens, in_features}));  // fresh and contiguous
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor a = aux.contiguous();
+  at::Tensor T = new_output(weight);
+  at::Tensor dM = need_aux_grad ? new_output(aux) : empty0(aux);
+  cpu::BackwardArgs args{};
+  args.grad = dT.const_data_ptr();
+  args.grad_dt = dtype_code(dT, "grad");
+  args.weight = w.const_data_ptr();
+  args.weight_dt = dtype_code(w, "weight");
+  args.aux = a.const_data_ptr();
+  args.aux_dt = dtype_code(a, "aux");
+  args.dW = need_weight_grad ? dT.mutable_data_ptr() : nullptr;
+  args.dM = need_aux_grad ? dM.mutable_data_ptr() : nullptr;
+  args.T = T.mutable_data_ptr();
+  args.numel = w.numel();
+  args.surrogate = c.surrogate;
+  args.rule = c.rule;
+  args.alpha = alpha;
+  args.f64 = is_f64(dT) || is_f64(w) || is_f64(a);
+  const auto& k = kernel_table();
+  at::parallel_for(0, args.numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
+  at::Tensor dX = g2.mm(T).reshape(input.sizes());
+  at::Tensor dW = need_weight_grad ? dT : empty0(weight);
+  const std::vector<int64_t> dim0{0};
+  at::Tensor db = need_bias_grad ? g2.sum(dim0) : empty0(grad_out);
+  return {dX, dW, dM, db};
+}
+
 // ------------------------------------------------------------------------------------------------
 // information / test helpers
 // ------------------------------------------------------------------------------------------------
@@ -387,6 +478,8 @@ int64_t parallel_threads(int64_t numel) {
 
 TORCH_LIBRARY(autoprune_cpp, m) {
   m.def("apply_mask(Tensor weight, Tensor aux, str surrogate, str rule, float alpha) -> Tensor");
+  m.def("apply_mask_checked(Tensor weight, Tensor aux) -> Tensor");
+  m.def("masked_linear_checked(Tensor input, Tensor weight, Tensor aux, Tensor? bias) -> Tensor");
   m.def(
       "mask_backward(Tensor grad, Tensor weight, Tensor aux, str surrogate, str rule, float alpha, "
       "bool need_weight_grad, bool need_aux_grad) -> (Tensor, Tensor)");
@@ -414,6 +507,9 @@ TORCH_LIBRARY(autoprune_cpp, m) {
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
   m.impl("apply_mask", &autoprune::apply_mask_cpu);
+  m.impl("apply_mask_checked", &autoprune::apply_mask_checked_cpu);
+  m.impl("masked_linear_checked", &autoprune::masked_linear_checked_cpu);
+  m.impl("masked_linear_backward", &autoprune::masked_linear_backward_cpu);
   m.impl("nm_scores", &autoprune::nm_scores_cpu);
   m.impl("mask_backward", &autoprune::mask_backward_cpu);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);
@@ -422,6 +518,8 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, Meta, m) {
   m.impl("apply_mask", &autoprune::apply_mask_meta);
+  m.impl("apply_mask_checked", &autoprune::apply_mask_checked_meta);
+  m.impl("masked_linear_checked", &autoprune::masked_linear_checked_meta);
   m.impl("nm_scores", &autoprune::nm_scores_meta);
   m.impl("mask_backward", &autoprune::mask_backward_meta);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_meta);

@@ -439,6 +439,32 @@ def test_masked_linear_composition(ext, granularity):
     assert got[0].numel() == 0 and got[2].numel() == 0 and got[3].numel() == 0 and got[1].shape == w.shape
 
 
+@pytest.mark.parametrize("wdt, adt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                      (torch.float16, torch.bfloat16), (torch.float64, torch.float32),
+                                      (torch.float32, torch.float64)])
+@pytest.mark.parametrize("need", list(itertools.product([True, False], repeat=3)))
+def test_fused_cpu_linear_backward_is_the_composition_bit_for_bit(ext, wdt, adt, need):
+    """The CPU kernel of masked_linear_backward (one pass writing dM, T and dW in place of dT) gives
+    exactly what the dispatcher-level composition of mm, apply_mask and mask_backward gives."""
+    need_w, need_m, need_b = need
+    x = rand((3, 7, 33)).to(wdt)
+    w = rand((1100, 33)).to(wdt).t().contiguous().t()  # non-contiguous; 36,300 entries: two chunks
+    m = rand((1100, 33)).to(adt)
+    m.view(-1)[::5] = 0.0
+    m.view(-1)[1::7] = -0.0
+    go = rand((3, 7, 1100)).to(wdt)
+    got = ext.masked_linear_backward(go, x, w, m, "softplus", "sign", 0.1, True, need_w, need_m, need_b)
+    g2, x2 = go.reshape(-1, 1100), x.reshape(-1, 33)
+    t = ext.apply_mask(w, m, "softplus", "sign", 0.1)
+    dW, dM = ext.mask_backward(g2.t().mm(x2), w, m, "softplus", "sign", 0.1, need_w, need_m)
+    assert torch.equal(got[0], g2.mm(t).reshape(x.shape))
+    for g, e, needed in ((got[1], dW, need_w), (got[2], dM, need_m), (got[3], g2.sum(0), need_b)):
+        if needed:
+            assert g.dtype == e.dtype and g.shape == e.shape and torch.equal(g.view(torch.uint8), e.view(torch.uint8))
+        else:
+            assert g.numel() == 0
+
+
 def test_backend_through_autoprune_ops(ext):
     backend = backends.get("cpp")
     assert backend is not None and backend.name == "cpp"
@@ -567,10 +593,12 @@ def _opcheck_cases():
         ("aux_adam_step_", (a, e1, e2, gr, wt, 3, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1e-3, "softplus", 0.1)),
         ("aux_adam_step_multi_", ([a, a2], [e1, f1], [e2, f2], [gr, None], [wt, None], [3, 1], [0.1, 0.2],
                                   1e-2, 0.9, 0.999, 1e-8, 1e-3, "sigmoid", 0.1)),
+        ("apply_mask_checked", (w, m)),
+        ("masked_linear_checked", (x, w, mu, b)),
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(13))
 def test_opcheck_autoprune_cpp_ops(ext, index):
     name, args = _opcheck_cases()[index]
     torch.library.opcheck(getattr(ext, name).default, args)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
+from .. import _checks, reference
 
 Grads2 = tuple[Tensor | None, Tensor | None]
 Grads4 = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]
@@ -105,6 +105,18 @@ class Backend:
     def masked_linear(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None) -> Tensor:
         """``input @ (W * h(M))^T + bias``; the default writes ``T`` then calls the library GEMM."""
         return F.linear(input, self.apply_mask(weight, aux), bias)
+
+    # -- with the functional API's finiteness test of aux (override to fuse it into the kernel) ------
+    def apply_mask_checked(self, weight: Tensor, aux: Tensor) -> Tensor:
+        """:meth:`apply_mask`, raising ``ValueError("aux: expected finite values, ...")`` if ``aux``
+        holds NaN/inf; the default tests first, in a separate pass."""
+        _checks.check_finite(aux, "aux")
+        return self.apply_mask(weight, aux)
+
+    def masked_linear_checked(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None) -> Tensor:
+        """:meth:`masked_linear` with the test of :meth:`apply_mask_checked`."""
+        _checks.check_finite(aux, "aux")
+        return self.masked_linear(input, weight, aux, bias)
 
     def masked_linear_backward(
         self,

@@ -180,6 +180,17 @@ class CppBackend(Backend):
             return ref.masked_linear(input, weight, aux, bias)
         return torch.ops.autoprune_cpp.masked_linear(input, weight, aux, bias, "softplus", "sign", 0.1)
 
+    # CPU: the finiteness test of aux rides on the apply_mask pass that reads aux anyway
+    def apply_mask_checked(self, weight: Tensor, aux: Tensor) -> Tensor:
+        if weight.device.type != "cpu" or not self._ready(weight):
+            return super().apply_mask_checked(weight, aux)
+        return torch.ops.autoprune_cpp.apply_mask_checked(weight, aux)
+
+    def masked_linear_checked(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None) -> Tensor:
+        if weight.device.type != "cpu" or not self._ready(weight):
+            return super().masked_linear_checked(input, weight, aux, bias)
+        return torch.ops.autoprune_cpp.masked_linear_checked(input, weight, aux, bias)
+
     def masked_linear_backward(
         self, grad_out, input, weight, aux, surrogate, rule, alpha,
         need_input_grad, need_weight_grad, need_aux_grad, need_bias_grad,

@@ -33,6 +33,9 @@ struct ApplyMaskArgs {
   void* out;  // weight's dtype
   int64_t numel;
   int64_t row_len;
+  // when set, weight granularity: set to 1 if any aux entry read is NaN or +-inf (the finiteness
+  // test of the functional API, fused into the pass that reads aux anyway)
+  int32_t* nonfinite;
 };
 
 // dW = g * h(M); dM = g * c(W) * s(M) (unit granularity: summed over each row of W first).
@@ -43,8 +46,9 @@ struct BackwardArgs {
   int weight_dt;
   const void* aux;
   int aux_dt;
-  void* dW;  // nullptr when not requested; weight's dtype
+  void* dW;  // nullptr when not requested; weight's dtype; may be `grad` itself (written in place)
   void* dM;  // nullptr when not requested; aux's dtype
+  void* T;   // weight granularity, when set: also T = where(h(M), W, 0) as apply_mask (weight's dtype)
   int64_t numel;
   int64_t rows;     // unit granularity: number of rows (aux.numel())
   int64_t row_len;  // 0: weight granularity

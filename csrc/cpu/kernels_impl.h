@@ -126,6 +126,9 @@ AP_INLINE double sigmoid_d(double x) { return 1.0 / (1.0 + __builtin_exp(-x)); }
 AP_INLINE float sqrt_ct(float x) { return __builtin_sqrtf(x); }
 AP_INLINE double sqrt_ct(double x) { return __builtin_sqrt(x); }
 
+AP_INLINE float finite_max(float) { return __FLT_MAX__; }
+AP_INLINE double finite_max(double) { return __DBL_MAX__; }
+
 AP_INLINE float softplus_ct(float x) { return softplus_f(x); }
 AP_INLINE double softplus_ct(double x) { return softplus_d(x); }
 AP_INLINE float sigmoid_ct(float x) { return sigmoid_f(x); }
@@ -331,11 +334,13 @@ __attribute__((noinline)) static void surrogate_pair_block(const double* m, doub
 // ------------------------------------------------------------------------------------------------
 // apply_mask: T = where(M >= 0, W, 0), copied bit for bit in W's dtype
 // ------------------------------------------------------------------------------------------------
-template <typename U, typename CM>
-static void apply_mask_weight(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
+template <typename U, typename CM, bool kCheck>
+static void apply_mask_weight_impl(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
   CM buf[kBlock];
   const U* w = static_cast<const U*>(a.weight);
   U* out = static_cast<U*>(a.out);
+  const CM big = finite_max(CM(0));
+  int bad = 0;
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = imin(kBlock, end - off);
     const CM* m = load_block<CM>(a.aux, a.aux_dt, off, n, buf);
@@ -345,7 +350,21 @@ static void apply_mask_weight(const ApplyMaskArgs& a, int64_t begin, int64_t end
       const U v = wp[i];  // loaded unconditionally: a blend, not a masked (fault-suppressing) load
       op[i] = m[i] >= CM(0) ? v : U(0);
     }
+    if (kCheck) {
+      int block_bad = 0;  // NaN fails the compare too
+      for (int64_t i = 0; i < n; ++i) block_bad |= !((m[i] < CM(0) ? -m[i] : m[i]) <= big);
+      bad |= block_bad;
+    }
   }
+  if (kCheck && bad) __atomic_store_n(a.nonfinite, 1, __ATOMIC_RELAXED);
+}
+
+template <typename U, typename CM>
+static void apply_mask_weight(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
+  if (a.nonfinite)
+    apply_mask_weight_impl<U, CM, true>(a, begin, end);
+  else
+    apply_mask_weight_impl<U, CM, false>(a, begin, end);
 }
 
 AP_INLINE bool keep_one(const void* aux, int dt, int64_t i) {
@@ -385,6 +404,18 @@ static void apply_mask(const ApplyMaskArgs& a, int64_t begin, int64_t end) {
 //   dW = (g * h(M)).to(W.dtype)               (a product, as the reference: -0 and NaN propagate)
 //   dM = ((g * c(W)) * s(M)).to(M.dtype)      c = sign (torch.sign: 0 for 0 and NaN) or identity
 // ------------------------------------------------------------------------------------------------
+// T[off, off + n) = where(m >= 0, W, 0), W's bits copied as apply_mask does
+template <typename U, typename CT>
+AP_INLINE void mask_copy_block(const void* weight, void* out, const CT* m, int64_t off, int64_t n) {
+  const U* w = static_cast<const U*>(weight) + off;
+  U* o = static_cast<U*>(out) + off;
+  for (int64_t i = 0; i < n; ++i) {
+    const U v = w[i];
+    o[i] = m[i] >= CT(0) ? v : U(0);
+  }
+}
+
+// dM first, then T, then dW: dW may overwrite grad, which dM reads
 template <typename CT>
 static void backward_weight_impl(const BackwardArgs& a, int64_t begin, int64_t end) {
   CT gbuf[kBlock], mbuf[kBlock], wbuf[kBlock], sbuf[kBlock], obuf[kBlock];
@@ -393,11 +424,6 @@ static void backward_weight_impl(const BackwardArgs& a, int64_t begin, int64_t e
     const int64_t n = imin(kBlock, end - off);
     const CT* g = load_block<CT>(a.grad, a.grad_dt, off, n, gbuf);
     const CT* m = load_block<CT>(a.aux, a.aux_dt, off, n, mbuf);
-    if (a.dW) {
-      CT* dw = out_block<CT>(a.dW, a.weight_dt, off, obuf);
-      for (int64_t i = 0; i < n; ++i) dw[i] = g[i] * (m[i] >= CT(0) ? CT(1) : CT(0));
-      flush_block<CT>(dw, a.dW, a.weight_dt, off, n);
-    }
     if (a.dM) {
       const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
       surrogate_block<CT>(m, sbuf, n, a.surrogate, alpha);
@@ -411,6 +437,19 @@ static void backward_weight_impl(const BackwardArgs& a, int64_t begin, int64_t e
         for (int64_t i = 0; i < n; ++i) dm[i] = (g[i] * w[i]) * sbuf[i];
       }
       flush_block<CT>(dm, a.dM, a.aux_dt, off, n);
+    }
+    if (a.T) {
+      if (a.weight_dt == AP_F64)
+        mask_copy_block<uint64_t, CT>(a.weight, a.T, m, off, n);
+      else if (a.weight_dt == AP_F32)
+        mask_copy_block<uint32_t, CT>(a.weight, a.T, m, off, n);
+      else
+        mask_copy_block<uint16_t, CT>(a.weight, a.T, m, off, n);
+    }
+    if (a.dW) {
+      CT* dw = out_block<CT>(a.dW, a.weight_dt, off, obuf);
+      for (int64_t i = 0; i < n; ++i) dw[i] = g[i] * (m[i] >= CT(0) ? CT(1) : CT(0));
+      flush_block<CT>(dw, a.dW, a.weight_dt, off, n);
     }
   }
 }
