@@ -54,7 +54,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _checks, backends
 
@@ -526,6 +525,9 @@ def eager_fast(*tensors: Tensor | None) -> bool:
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
 
 
+# Backward under create_graph (grad mode on) calls the registered backward ops, as the registered
+# forward ops do: a higher-order gradient then fails the same way (those ops have no derivative)
+# instead of coming out silently wrong.
 class _ApplyMaskFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, aux, surrogate, rule, alpha, check_finite):  # type: ignore[override]
@@ -534,9 +536,9 @@ class _ApplyMaskFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        return *_apply_mask_backward(ctx, grad, _mask_backward_impl), None
+        impl = None if torch.is_grad_enabled() else _mask_backward_impl
+        return *_apply_mask_backward(ctx, grad, impl), None
 
 
 class _NMScoresFn(torch.autograd.Function):
@@ -545,7 +547,6 @@ class _NMScoresFn(torch.autograd.Function):
         return _nm_scores_impl(aux, n, m)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         return _nm_scores_backward(ctx, grad)
 
@@ -558,9 +559,9 @@ class _MaskedLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        return *_masked_linear_backward(ctx, grad_out, _masked_linear_backward_impl), None
+        impl = None if torch.is_grad_enabled() else _masked_linear_backward_impl
+        return *_masked_linear_backward(ctx, grad_out, impl), None
 
 
 def call_apply_mask(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float, *,
@@ -589,15 +590,21 @@ def call_masked_linear(input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor 
     (``check_finite`` as in :func:`call_apply_mask`)."""
     if eager_fast(input, weight, aux, bias):
         return _MaskedLinearFn.apply(input, weight, aux, bias, surrogate, rule, alpha, check_finite)
-    if check_finite:
+    if check_finite:  # after the argument checks, as on the fast path
+        _check_mask_args(weight, aux, surrogate, rule, alpha)
+        _check_linear_args(input, weight, bias)
         _checks.check_finite(aux, "aux")
     return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
 
 
-def _fast_inplace(written: Sequence[Tensor], read: Sequence[Tensor | None]) -> bool:
-    # the registered op refuses (through autograd) to write a tensor that requires grad while grad
-    # mode is on: such a call keeps the op's behaviour
+def _fast_inplace(written: Sequence[Tensor], read: Sequence[Tensor | None], ints: Sequence[object],
+                  floats: Sequence[object]) -> bool:
+    # Calls the registered op would treat differently keep its behaviour: writing a tensor that
+    # requires grad while grad mode is on (refused through autograd), and arguments its schema
+    # parses (a float step, a bool) rather than our checks.
     if torch.is_grad_enabled() and any(t.requires_grad for t in written if isinstance(t, Tensor)):
+        return False
+    if not (all(type(v) is int for v in ints) and all(type(v) in (int, float) for v in floats)):
         return False
     return all(isinstance(t, Tensor) for t in written) and eager_fast(*written, *read)
 
@@ -613,7 +620,7 @@ def call_aux_adam_step_multi_(aux: Sequence[Tensor], exp_avg: Sequence[Tensor], 
                               rho: float, surrogate: str, alpha: float) -> None:
     """``torch.ops.autoprune.aux_adam_step_multi_``, through the eager fast path where allowed."""
     written = (*aux, *exp_avg, *exp_avg_sq)
-    if not _fast_inplace(written, (*grads, *weights)):
+    if not _fast_inplace(written, (*grads, *weights), steps, (*penalty_scales, lr, beta1, beta2, eps, rho, alpha)):
         torch.ops.autoprune.aux_adam_step_multi_(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales,
                                                  lr, beta1, beta2, eps, rho, surrogate, alpha)
         return
@@ -627,7 +634,8 @@ def call_aux_adam_step_(aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: 
                         penalty_scale: float, rho: float, surrogate: str, alpha: float) -> None:
     """``torch.ops.autoprune.aux_adam_step_``, through the eager fast path where allowed."""
     args = (aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate, alpha)
-    if not _fast_inplace((aux, exp_avg, exp_avg_sq), (grad, weight)):
+    if not _fast_inplace((aux, exp_avg, exp_avg_sq), (grad, weight), (step,),
+                         (lr, beta1, beta2, eps, penalty_scale, rho, alpha)):
         torch.ops.autoprune.aux_adam_step_(*args)
         return
     _aux_adam_step_impl(*args)

@@ -131,28 +131,47 @@ def test_in_place_aux_step_is_seen_by_autograd(backend):
 
 
 def test_errors_are_the_registered_ops(backend, monkeypatch):
+    nan_aux = torch.randn(5, 4)
+    nan_aux[1, 1] = float("nan")
     bad = [
         lambda: apf.masked_linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(5, 4), torch.randn(4)),
+        # two errors at once: the same one wins on both paths
+        lambda: apf.masked_linear(torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4), nan_aux),
+        lambda: apf.apply_mask(torch.randn(5, 4), nan_aux, surrogate="nope"),
+        lambda: ops.call_aux_adam_step_multi_([torch.randn(3)], [torch.zeros(3)], [torch.zeros(3)], [None], [None],
+                                              [1.0], [0.0], 1e-2, 0.9, 0.99, 1e-8, 0.0, "softplus", 0.1),
         lambda: apf.apply_mask(torch.randn(5, 4), torch.randn(4, 5)),
         lambda: ops.call_aux_adam_step_multi_([torch.randn(3)], [torch.zeros(3)], [torch.zeros(2)], [None], [None],
                                               [1], [0.0], 1e-2, 0.9, 0.99, 1e-8, 0.0, "softplus", 0.1),
     ]
     for call in bad:
         monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", "1")
-        with pytest.raises((TypeError, ValueError)) as fast:
+        with pytest.raises((TypeError, ValueError, RuntimeError)) as fast:
             call()
         monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", "0")
-        with pytest.raises((TypeError, ValueError)) as op:
+        with pytest.raises((TypeError, ValueError, RuntimeError)) as op:
             call()
         assert (type(fast.value), str(fast.value)) == (type(op.value), str(op.value))
 
 
-def test_double_backward_is_refused_not_wrong(backend):
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_higher_order_gradients_are_refused_not_wrong(backend, fast, monkeypatch):
+    """The mask ops have no second derivative: a Hessian or a grad of a grad fails on both paths
+    (never an all-zero or partial answer); nm_scores' straight-through backward is differentiable."""
+    monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", fast)
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     m = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    (gw,) = torch.autograd.grad(apf.apply_mask(w, m).pow(2).sum(), w, create_graph=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError):
-        gw.sum().backward()
+        torch.autograd.functional.hessian(lambda w: apf.apply_mask(w, m.detach()).pow(2).sum(), w)
+    for f in (lambda: apf.apply_mask(w, m), lambda: apf.masked_linear(x, w, m)):
+        (gw,) = torch.autograd.grad(f().pow(2).sum(), w, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(gw.sum() + w.sum(), w)
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    (ga,) = torch.autograd.grad(apf.nm_scores(a, 2, 4).pow(2).sum(), a, create_graph=True)
+    (gga,) = torch.autograd.grad(ga.sum(), a)
+    assert torch.equal(gga, torch.full_like(a, 2.0))
 
 
 class _Names(TorchDispatchMode):
