@@ -131,7 +131,8 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+#: tensor types that are neither subclasses (DTensor) nor fake: their values can be read
+PLAIN_TENSOR_TYPES: tuple[type, ...] = (Tensor, torch.nn.Parameter)
 
 
 def _is_fake(x: Tensor) -> bool:
@@ -143,7 +144,7 @@ def _is_fake(x: Tensor) -> bool:
 def check_finite(x: Tensor, name: str) -> None:
     """``x`` holds no NaN/inf (reads the values: one device sync; skipped for meta and fake tensors,
     which have none, while compiling and with ``AUTOPRUNE_CHECK_FINITE=0``)."""
-    if x.device.type == "meta" or (type(x) not in _PLAIN and _is_fake(x)):
+    if x.device.type == "meta" or (type(x) not in PLAIN_TENSOR_TYPES and _is_fake(x)):
         return
     if _finite_checks_enabled() and x.numel() and not all_finite(x):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")

@@ -3,9 +3,9 @@
 Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then
 calls one registered op (``torch.ops.autoprune.*``), so the same code runs eagerly, under
 ``torch.compile`` and on every backend. Plain eager calls take the op layer's fast path (the same
-checks and backend code without the custom op's Python dispatch layers; see ``ops.eager_fast``). Backward computes the AutoPrune coarse gradient and only the
-gradients autograd needs: with ``weight`` frozen no ``dW`` work is done, with ``aux`` frozen no
-``dM`` work.
+checks and backend code without the custom op's Python dispatch layers; see ``ops.eager_fast``).
+Backward computes the AutoPrune coarse gradient and only the gradients autograd needs: with
+``weight`` frozen no ``dW`` work is done, with ``aux`` frozen no ``dM`` work.
 """
 
 from __future__ import annotations

@@ -509,7 +509,6 @@ def _(aux, exp_avg, exp_avg_sq, grads, weights, steps, penalty_scales, lr, beta1
 # Adam steps). Whatever the dispatcher must see takes the registered op: torch.compile, jit tracing,
 # a dispatch or function mode (FakeTensorMode, FlopCounterMode, a device context), functorch
 # transforms, tensor subclasses (DTensor, FakeTensor), meta tensors; and AUTOPRUNE_EAGER_FAST=0.
-_PLAIN: tuple[type, ...] = (Tensor, torch.nn.Parameter)
 
 
 def eager_fast(*tensors: Tensor | None) -> bool:
@@ -522,7 +521,7 @@ def eager_fast(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+    return all(t is None or (type(t) in _checks.PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
 
 
 # Backward under create_graph (grad mode on) calls the registered backward ops, as the registered
