@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -978,6 +979,27 @@ def test_nonfinite_check_handles_huge_finite_and_empty_gradients():
     opt = AuxAdam([p, q], nonfinite="raise")
     p.grad, q.grad = torch.full((3,), 1e300, dtype=torch.float64), torch.zeros(0)
     opt.step()  # finite (the squared norm would overflow; the max-abs test does not)
+    assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_check_confirms_an_overflowing_sum(dtype):
+    # every entry finite and huge: the CPU test's sum overflows (float32, bfloat16) or would in the
+    # gradient's own precision (float16): the step must still run
+    p = nn.Parameter(torch.zeros(4, 5, dtype=dtype))
+    opt = AuxAdam([p], nonfinite="raise")
+    huge = torch.finfo(dtype).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the low-precision aux warning
+        p.grad = torch.full((4, 5), huge, dtype=dtype)
+        opt.step()
+        assert opt.state[p]["step"] == 1
+        # +inf and -inf together sum to NaN; one NaN among huge values: both refused
+        for bad in ((INF, -INF), (NAN, 1.0)):
+            p.grad = torch.full((4, 5), huge, dtype=dtype)
+            p.grad.view(-1)[7], p.grad.view(-1)[11] = bad
+            with pytest.raises(ValueError, match=r"^grad: expected finite gradients"):
+                opt.step()
     assert opt.state[p]["step"] == 1
 
 

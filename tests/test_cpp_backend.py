@@ -319,6 +319,26 @@ def test_aux_adam_step_dtypes(ext, adt, sdt):
         check_adam(case[:3], expected, eager)
 
 
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_aux_adam_step_f32_softplus_loop_edges(ext, with_grad):
+    """The one-loop float32 softplus kernel, entry by entry against float64: values around the
+    softplus threshold (20), huge and tiny (denormal) aux, signed zeros, NaN / inf (propagated as the
+    reference does), over several parallel tasks with an odd tail."""
+    n = 3 * 65536 + 13
+    aux, m1, m2, grad, _ = adam_case((n,), torch.float32, torch.float32, torch.float32 if with_grad else None, None)
+    edges = torch.tensor([0.0, -0.0, 19.99, 20.0, 20.01, -19.99, -20.0, -20.01, 88.0, -88.0, 104.0, -104.0, 1e4, -1e4,
+                          1e-38, -1e-38, 1e-45, -1e-45, 1e18, -1e18, float("nan"), float("inf"), float("-inf")])
+    aux[-len(edges):] = edges
+    aux[65536 - 3:65536 - 3 + len(edges)] = edges  # across a task boundary
+    expected = adam_expected(aux, m1, m2, grad, None, 4, "softplus", 0.1)
+    run_adam(ext, aux, m1, m2, grad, None, 4, "softplus", 0.1)
+    for name, got, want in zip(("aux", "exp_avg", "exp_avg_sq"), (aux, m1, m2), expected):
+        # the moments are sums that may cancel: their error is relative to the largest finite moment
+        atol = 1e-30 if name == "aux" else 1e-6 * float(want[want.isfinite()].abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=4e-6, atol=atol, equal_nan=True,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_aux_adam_step_noncontiguous_in_place(ext):
     case = adam_case((33, 65), torch.float32, torch.float32, torch.float32, None, noncontig=True)
     assert not case[0].is_contiguous()
