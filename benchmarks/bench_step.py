@@ -21,7 +21,8 @@ Cases: ``mlp`` (one 1024x1024 Linear, 4096 tokens), ``conv`` (64->64 3x3 on a 32
 ``transformer`` (pre-LN block built from nn.Linear: d=512, 4 heads, MLP 2048, seq 256, batch 8), and on
 CUDA only ``mlp_4096`` (4096x4096, 16k tokens, bf16). Plus ``apply_mask`` forward + backward at 16M
 elements, cpp against reference. All impls of one case and dtype are timed in interleaved rounds whose
-order rotates (as in ``bench_cpp``); median and IQR over rounds.
+order rotates (as in ``bench_cpp``); median and IQR over rounds. The cases the 1.05x target judges
+(``mlp``, ``mlp_4096``) get ``TARGET_ROUNDS_FACTOR`` times the rounds.
 
 ``python benchmarks/bench_step.py --out benchmarks/results/step_cpu_vm.json [--quick]`` measures and writes
 the JSON; ``--markdown FILE.json`` prints its Markdown table. ``pytest benchmarks/bench_step.py`` runs a
@@ -61,7 +62,13 @@ from autoprune_ext.optim import AuxAdam  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
-EAGER_IMPLS = ("dense", "masked_reference", "masked_cpp", "masked_triton", "torch_prune_l1", "torch_ao_sparsifier")
+# masked_cpp right after dense: the pair the 1.05x target compares runs back to back in most rotations
+EAGER_IMPLS = ("dense", "masked_cpp", "masked_reference", "masked_triton", "torch_prune_l1", "torch_ao_sparsifier")
+#: the target case gets this many times the rounds: its ratio is judged against 1.05 on a machine whose
+#: per-step noise (IQR 5-10%) is larger than the masked overhead itself
+TARGET_ROUNDS_FACTOR = 3
+#: the masked implementations the step target judges (triton on CUDA only)
+TARGET_IMPLS = ("masked_cpp", "masked_cpp+compile", "masked_triton", "masked_triton+compile")
 COMPILED_IMPLS = ("dense+compile", "masked_cpp+compile", "masked_triton+compile")
 LOAD_NOTE_ABOVE = 1.5
 TRITON_CPU_SKIP = "CPU: the Triton interpreter (TRITON_INTERPRET=1) is far too slow for a training-step benchmark"
@@ -101,25 +108,28 @@ class Case:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     cuda_only: bool = False
     compiled: bool = False
+    target: bool = False  # a case the 1.05x step target judges: TARGET_ROUNDS_FACTOR x the rounds
 
 
 def cases(tiny: bool = False) -> list[Case]:
     """The benchmark cases; ``tiny`` shrinks every shape for the smoke test."""
     if tiny:
         return [
-            Case("mlp", "Linear 32x32, 64 tokens", lambda: nn.Linear(32, 32), (64, 32), compiled=True),
+            Case("mlp", "Linear 32x32, 64 tokens", lambda: nn.Linear(32, 32), (64, 32), compiled=True, target=True),
             Case("conv", "Conv2d 4->4 3x3, batch 2x4x8x8", lambda: nn.Conv2d(4, 4, 3, padding=1), (2, 4, 8, 8)),
             Case("transformer", "block d=32, 2 heads, MLP 64, seq 8, batch 2", lambda: Block(32, 2, 64), (2, 8, 32)),
-            Case("mlp_4096", "Linear 64x64, 128 tokens", lambda: nn.Linear(64, 64), (128, 64), ("bf16",), True),
+            Case("mlp_4096", "Linear 64x64, 128 tokens", lambda: nn.Linear(64, 64), (128, 64), ("bf16",), True,
+                 target=True),
         ]
     return [
-        Case("mlp", "Linear 1024x1024, 4096 tokens", lambda: nn.Linear(1024, 1024), (4096, 1024), compiled=True),
+        Case("mlp", "Linear 1024x1024, 4096 tokens", lambda: nn.Linear(1024, 1024), (4096, 1024), compiled=True,
+             target=True),
         Case("conv", "Conv2d 64->64 3x3 pad 1, batch 32x64x32x32", lambda: nn.Conv2d(64, 64, 3, padding=1),
              (32, 64, 32, 32)),
         Case("transformer", "pre-LN block d=512, 4 heads, MLP 2048, seq 256, batch 8", lambda: Block(512, 4, 2048),
              (8, 256, 512)),
         Case("mlp_4096", "Linear 4096x4096, 16384 tokens", lambda: nn.Linear(4096, 4096), (16384, 4096), ("bf16",),
-             cuda_only=True),
+             cuda_only=True, target=True),
     ]
 
 
@@ -340,7 +350,8 @@ def measure_steps(case_list: list[Case], device: torch.device, rounds: int, *, c
                     except Skip as exc:
                         skipped.append({"case": case.name, "dtype": dname, "impl": impl, "reason": str(exc)})
                 gc.collect()
-                times = interleaved({k: s.fn for k, s in group.items()}, rounds)
+                n_rounds = rounds * (TARGET_ROUNDS_FACTOR if case.target else 1)
+                times = interleaved({k: s.fn for k, s in group.items()}, n_rounds)
                 base = "dense+compile" if impls is COMPILED_IMPLS else "dense"
                 dense_ms = statistics.median(times[base]) * 1e3 if base in times else None
                 dense_t = times.get(base)
@@ -501,13 +512,14 @@ def _versions() -> dict[str, str | None]:
 
 def targets(rows: list[dict], micro: list[dict], device: torch.device) -> dict[str, dict]:
     """The issue's targets, evaluated (never adjusted): masked step <= 1.05x dense (MLP, eager and
-    compiled; CPU), apply_mask forward + backward >= 3x the reference at 16M elements. Judged on the
+    compiled; on CUDA also the 4096x4096 bf16 case), apply_mask forward + backward >= 3x the
+    reference at 16M elements. Judged on the
     paired ratio (median over rounds of masked / the same round's dense); the ratio of medians is
     kept beside it."""
     out: dict[str, dict] = {}
     for r in rows:
-        if r["case"] == "mlp" and r["impl"] in ("masked_cpp", "masked_cpp+compile") and r["ratio_paired"]:
-            out[f"step_mlp_{r['dtype']}_{r['impl']}_within_1.05x_dense"] = {
+        if r["case"] in ("mlp", "mlp_4096") and r["impl"] in TARGET_IMPLS and r["ratio_paired"]:
+            out[f"step_{r['case']}_{r['dtype']}_{r['impl']}_within_1.05x_dense"] = {
                 "ratio": r["ratio_paired"], "ratio_of_medians": r["ratio_to_dense"],
                 "met": r["ratio_paired"] <= 1.05, "device": device.type}
     for m in micro:
@@ -554,7 +566,8 @@ def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int,
         "method": (f"one step = forward, out.backward(g) (input requires grad: dX computed), Adam on the weights, "
                    f"AuxAdam (penalty 0.1) on the aux tensors of masked models, zero_grad(set_to_none). Each impl is a "
                    f"fresh seeded model, warmed up by two steps (compile_s: the first compiled step), then "
-                   f"{rounds} interleaved rounds with rotating order per case/dtype group; ms_median and "
+                   f"{rounds} interleaved rounds ({TARGET_ROUNDS_FACTOR * rounds} for the mlp target case) with "
+                   f"rotating order per case/dtype group; ms_median and "
                    f"ms_iqr (q3 - q1) over rounds. ratio_to_dense: median / the group's dense median (compiled rows: "
                    f"/ dense+compile). +compile: torch.compile(model, backend={compile_backend!r}), optimisers eager. "
                    f"peak_extra_MB: " + ("CUDA max_memory_allocated above memory_allocated over one step"

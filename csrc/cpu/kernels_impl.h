@@ -277,19 +277,21 @@ __attribute__((noinline)) static void surrogate_block(const CT* m, CT* s, int64_
   }
 }
 
+// softplus(x) and softplus(-x), sharing log1p(exp(-|x|))
+AP_INLINE void softplus_pair(float x, float* sp, float* sn) {
+  const float l = log1p_unit(exp_nonpos(-__builtin_fabsf(x)));
+  const float p = (x > 0.0f ? x : 0.0f) + l;
+  const float q = (x < 0.0f ? -x : 0.0f) + l;
+  *sp = x > 20.0f ? x : p;
+  *sn = -x > 20.0f ? -x : q;
+}
+
 // s(m) and s(-m) together (the penalty gradient needs both; softplus / sigmoid share one exp)
 __attribute__((noinline)) static void surrogate_pair_block(const float* m, float* sp, float* sn, int64_t n, int kind,
                                                            float alpha) {
   switch (kind) {
     case AP_SOFTPLUS:
-      for (int64_t i = 0; i < n; ++i) {
-        const float x = m[i];
-        const float l = log1p_unit(exp_nonpos(-__builtin_fabsf(x)));
-        const float p = (x > 0.0f ? x : 0.0f) + l;
-        const float q = (x < 0.0f ? -x : 0.0f) + l;
-        sp[i] = x > 20.0f ? x : p;
-        sn[i] = -x > 20.0f ? -x : q;
-      }
+      for (int64_t i = 0; i < n; ++i) softplus_pair(m[i], sp + i, sn + i);
       break;
     case AP_SIGMOID:
       for (int64_t i = 0; i < n; ++i) {
@@ -649,11 +651,8 @@ __attribute__((noinline)) static void adam_f32_softplus(const AdamArgs& a, int64
   const float eps = static_cast<float>(a.eps);
   for (int64_t i = begin; i < end; ++i) {
     const float x = m[i];
-    const float l = log1p_unit(exp_nonpos(-__builtin_fabsf(x)));  // s(x) and s(-x) share it
-    const float p = (x > 0.0f ? x : 0.0f) + l;
-    const float q = (x < 0.0f ? -x : 0.0f) + l;
-    const float sp = x > 20.0f ? x : p;
-    const float sn = -x > 20.0f ? -x : q;
+    float sp, sn;
+    softplus_pair(x, &sp, &sn);
     const float pen = scale * (sp - rho * sn);
     const float g = kGrad ? pen + gr[i] : pen;
     const float m1 = e1[i] * beta1 + omb1 * g;
