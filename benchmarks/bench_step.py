@@ -6,6 +6,8 @@ parameter but the aux tensors), the aux step (:class:`autoprune_ext.optim.AuxAda
 and ``zero_grad(set_to_none=True)``. Implementations, each a fresh copy of the same seeded model:
 
 * ``dense``               -- the plain model (Adam);
+* ``dense_repeat``        -- the same dense model once more: a control, whose ratio to ``dense`` shows how
+  far two identical steps differ on this machine (the noise floor of every ratio);
 * ``masked_<backend>``    -- ``autoprune_ext.convert(model)`` run under ``backends.use(<backend>)`` for
   ``reference`` and ``cpp``, and ``triton`` on CUDA only (on CPU its interpreter is far too slow: skipped,
   with the reason recorded);
@@ -62,8 +64,10 @@ from autoprune_ext.optim import AuxAdam  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# masked_cpp right after dense: the pair the 1.05x target compares runs back to back in most rotations
-EAGER_IMPLS = ("dense", "masked_cpp", "masked_reference", "masked_triton", "torch_prune_l1", "torch_ao_sparsifier")
+# masked_cpp right after dense: the pair the 1.05x target compares runs back to back in most rotations.
+# dense_repeat is a second, identical dense model: its ratio to dense is the noise floor of the ratios.
+EAGER_IMPLS = ("dense", "masked_cpp", "dense_repeat", "masked_reference", "masked_triton", "torch_prune_l1",
+               "torch_ao_sparsifier")
 #: the target case gets this many times the rounds: its ratio is judged against 1.05 on a machine whose
 #: per-step noise (IQR 5-10%) is larger than the masked overhead itself
 TARGET_ROUNDS_FACTOR = 3
@@ -220,7 +224,7 @@ def make_step(case: Case, impl: str, dtype: torch.dtype, device: torch.device, *
             note = _sparsify_ao(model)
         except Exception as exc:  # the API is missing or rejects this layer type
             raise Skip(f"torch.ao.pruning.WeightNormSparsifier: {type(exc).__name__}: {str(exc)[:160]}") from exc
-    elif base != "dense":
+    elif base not in ("dense", "dense_repeat"):
         raise ValueError(f"impl: unknown {impl!r}")
     w_opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in aux_ids], lr=1e-4)
     opts: list[torch.optim.Optimizer] = [w_opt] + ([aux_opt] if aux_opt is not None else [])
@@ -261,6 +265,19 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
     for r in range(rounds):
         timed_round(fns, times, r)
     return times
+
+
+def paired_ci90(ts: list[float], base: list[float], resamples: int = 2000) -> list[float] | None:
+    """90% bootstrap interval (rounds resampled with replacement, fixed seed) of the median over rounds
+    of ``ts[r] / base[r]``: how far the paired ratio could move on this machine's noise."""
+    import random
+
+    ratios = [a / b for a, b in zip(ts, base)]
+    if len(ratios) < 5:
+        return None
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return [round(meds[int(0.05 * resamples)], 3), round(meds[int(0.95 * resamples) - 1], 3)]
 
 
 def summary_ms(ts: list[float]) -> tuple[float, float, float, float]:
@@ -365,6 +382,7 @@ def measure_steps(case_list: list[Case], device: torch.device, rounds: int, *, c
                         # the same round's dense step is its pair: slow drifts of the machine cancel
                         "ratio_paired": round(statistics.median(a / b for a, b in zip(times[impl], dense_t)), 3)
                         if dense_t else None,
+                        "ratio_paired_ci90": paired_ci90(times[impl], dense_t) if dense_t else None,
                         "peak_extra_MB": None, "state_MB": round(st.state_bytes / 2**20, 3),
                         "compile_s": st.compile_s, "note": st.note,
                     })
@@ -440,27 +458,43 @@ def overhead(prof: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def profile(steps: dict[str, Step], n: int = 3, top: int = 12) -> dict[str, dict]:
-    """Top ops by self CPU time (torch.profiler) per step of each named step."""
+def profile(steps: dict[str, Step], n: int = 9, top: int = 12) -> dict[str, dict]:
+    """Top ops by self CPU time (torch.profiler) per step of each named step.
+
+    Every step is profiled on its own, the named steps in turn (``n`` each); each figure is the median
+    over those ``n`` single-step profiles, so one step disturbed by the machine does not count.
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    out: dict[str, dict] = {}
-    for name, st in steps.items():
-        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            for _ in range(n):
+    per_op: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    calls: dict[str, dict[str, int]] = {name: {} for name in steps}
+    walls: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, st in steps.items():
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
                 st.fn()
-            wall = (time.perf_counter() - t0) / n
-        ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        gemm = sum(e.self_cpu_time_total for e in ev if e.key in GEMM_OPS)
+                walls[name].append(time.perf_counter() - t0)
+            ev = prof.key_averages()
+            per_op[name].append({e.key: e.self_cpu_time_total / 1e3 for e in ev})
+            calls[name].update({e.key: e.count for e in ev})
+    out: dict[str, dict] = {}
+    for name, profiles in per_op.items():
+        def med(f: Callable[[dict[str, float]], float]) -> float:
+            return statistics.median(f(p) for p in profiles)
+
+        keys = {k for p in profiles for k in p}
+        ops = sorted(((med(lambda p, k=k: p.get(k, 0.0)), k) for k in keys), reverse=True)
+        gemm = med(lambda p: sum(v for k, v in p.items() if k in GEMM_OPS))
+        total = med(lambda p: sum(p.values()))
         out[name] = {
-            "wall_ms_per_step_profiled": round(wall * 1e3, 2),
-            "gemm_self_cpu_ms": round(gemm / 1e3 / n, 2),
-            "non_gemm_self_cpu_ms": round((sum(e.self_cpu_time_total for e in ev) - gemm) / 1e3 / n, 2),
-            "self_cpu_ms_per_step_total": round(sum(e.self_cpu_time_total for e in ev) / 1e3 / n, 2),
-            "top_ops": [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / n, 3),
-                         "calls": round(e.count / n, 2)} for e in ev[:top]],
+            "wall_ms_per_step_profiled": round(statistics.median(walls[name]) * 1e3, 2),
+            "gemm_self_cpu_ms": round(gemm, 2),
+            "non_gemm_self_cpu_ms": round(med(lambda p: sum(v for k, v in p.items() if k not in GEMM_OPS)), 2),
+            "self_cpu_ms_per_step_total": round(total, 2),
+            "profiled_steps": n,
+            "top_ops": [{"op": k, "self_cpu_ms": round(v, 3), "calls": calls[name][k]} for v, k in ops[:top]],
         }
     return out
 
@@ -519,8 +553,11 @@ def targets(rows: list[dict], micro: list[dict], device: torch.device) -> dict[s
     out: dict[str, dict] = {}
     for r in rows:
         if r["case"] in ("mlp", "mlp_4096") and r["impl"] in TARGET_IMPLS and r["ratio_paired"]:
+            control = next((c["ratio_paired"] for c in rows if c["impl"] == "dense_repeat" and not r["compiled"]
+                            and (c["case"], c["dtype"]) == (r["case"], r["dtype"])), None)
             out[f"step_{r['case']}_{r['dtype']}_{r['impl']}_within_1.05x_dense"] = {
-                "ratio": r["ratio_paired"], "ratio_of_medians": r["ratio_to_dense"],
+                "ratio": r["ratio_paired"], "ci90": r["ratio_paired_ci90"], "ratio_of_medians": r["ratio_to_dense"],
+                "dense_repeat_ratio": control,
                 "met": r["ratio_paired"] <= 1.05, "device": device.type}
     for m in micro:
         if "speedup" in m:
@@ -550,7 +587,7 @@ def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int,
         for dname in ("fp32", "bf16"):
             chosen = {f"mlp_{dname}_{impl}": steps[("mlp", dname, impl)] for impl in ("dense", "masked_cpp")
                       if ("mlp", dname, impl) in steps}
-            prof.update(profile(chosen, n=1 if tiny else 3))
+            prof.update(profile(chosen, n=1 if tiny else 9))
     measure_memory(rows, steps, device)
     load_end = os.getloadavg()
     data: dict[str, Any] = {
@@ -594,6 +631,10 @@ def _f(v: object, spec: str = ".2f") -> str:
     return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _ci(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
 def render_markdown(data: dict) -> str:
     """The README table (and the apply_mask microbenchmark, targets, skips) from a results JSON."""
     d, v = data["device"], data["versions"]
@@ -601,11 +642,13 @@ def render_markdown(data: dict) -> str:
     lines = [f"Device `{d['name']}` ({d['gpu'] or d['cpu']}, {d['torch_threads']} threads), torch {v['torch']}, "
              f"triton {v['triton']}, {data['date']}, load average at start {la[0]:.2f}."
              + (f" **{data['note']}.**" if data.get("note") else ""), "",
-             "| case | dtype | impl | ms (median) | IQR | × dense (paired) | × dense (medians) | peak extra MB | state MB |",
+             "| case | dtype | impl | ms (median) | IQR | × dense (paired) [90% CI] | × dense (medians) | peak extra MB "
+             "| state MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         lines.append(f"| {r['case']} | {r['dtype']} | {r['impl']} | {_f(r['ms_median'])} | {_f(r['ms_iqr'])} | "
-                     f"{_f(r.get('ratio_paired'), '.3f')} | {_f(r['ratio_to_dense'], '.3f')} | "
+                     f"{_f(r.get('ratio_paired'), '.3f')}{_ci(r.get('ratio_paired_ci90'))} | "
+                     f"{_f(r['ratio_to_dense'], '.3f')} | "
                      f"{_f(r['peak_extra_MB'], '.1f')} | {_f(r['state_MB'], '.1f')} |")
     micro = [m for m in data["apply_mask_fwd_bwd"] if "speedup" in m]
     if micro:
@@ -618,8 +661,12 @@ def render_markdown(data: dict) -> str:
                       f"CPU time outside the GEMMs beyond the dense step's ({100 * o['extra_over_dense_step']:.1f}% "
                       "of the dense step)."]
     if data["targets"]:
-        lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if t['met'] else 'NOT met'} "
-                                            f"({t.get('ratio', t.get('speedup'))})" for k, t in data["targets"].items())]
+        def judged(t: dict) -> str:
+            extra = _ci(t.get("ci90")) + (f", dense_repeat {t['dense_repeat_ratio']:.3f}"
+                                          if t.get("dense_repeat_ratio") else "")
+            return f"{'met' if t['met'] else 'NOT met'} ({t.get('ratio', t.get('speedup'))}{extra})"
+
+        lines += ["", "Targets: " + "; ".join(f"{k}: {judged(t)}" for k, t in data["targets"].items())]
     notes = sorted({f"{r['impl']}: {r['note']}" for r in data["rows"] if r["note"]})
     skips = [f"{s['case']} {s['dtype']} {s['impl']}: {s['reason']}" for s in data["skipped"]]
     lines += [""] + [f"- {n}" for n in notes] + [f"- skipped {s}" for s in skips]
@@ -629,6 +676,16 @@ def render_markdown(data: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # smoke tests (pytest benchmarks)
 # --------------------------------------------------------------------------------------------------
+def test_paired_ci90() -> None:
+    base = [1.0 + 0.01 * (i % 7) for i in range(30)]
+    assert paired_ci90([1.1 * b for b in base], base) == [1.1, 1.1]  # every round the same ratio
+    noisy = [b * (1.05 + 0.04 * ((i * 37) % 11 - 5) / 5) for i, b in enumerate(base)]
+    lo, hi = paired_ci90(noisy, base)
+    med = statistics.median(a / b for a, b in zip(noisy, base))
+    assert lo < med < hi and hi - lo < 0.08
+    assert paired_ci90(base[:4], base[:4]) is None
+
+
 def test_smoke_every_impl_and_writer(tmp_path: Path) -> None:
     """Every implementation once at a tiny shape, the JSON writer and the Markdown renderer."""
     dev = torch.device("cpu")
@@ -648,6 +705,7 @@ def test_smoke_every_impl_and_writer(tmp_path: Path) -> None:
     for r in data["rows"]:
         assert r["ms_median"] > 0 and r["ms_iqr"] >= 0 and r["state_MB"] > 0 and r["ratio_to_dense"] > 0
         assert r["ratio_paired"] > 0
+        assert r["ratio_paired_ci90"] is None  # one round: too few for an interval
         assert r["peak_extra_MB"] is None or r["peak_extra_MB"] >= 0
     masked, dense = (next(r for r in data["rows"] if r["case"] == "mlp" and r["dtype"] == "fp32" and r["impl"] == i)
                      for i in ("masked_reference", "dense"))
