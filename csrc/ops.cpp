@@ -132,6 +132,27 @@ at::Tensor masked_linear_checked_cpu(const at::Tensor& input, const at::Tensor& 
   return at::linear(input, apply_mask_checked_cpu(weight, aux), bias);
 }
 
+// the kernel arguments of mask_backward (weight granularity fields; unit granularity adds its own):
+// `weight` is read (and must then be contiguous) only when `read_weight`; dW / dM null when not wanted
+cpu::BackwardArgs backward_args(const at::Tensor& grad, const at::Tensor& weight, bool read_weight,
+                                const at::Tensor& aux, void* dW, void* dM, const MaskCall& c, double alpha) {
+  cpu::BackwardArgs args{};
+  args.grad = grad.const_data_ptr();
+  args.grad_dt = dtype_code(grad, "grad");
+  args.weight = read_weight ? weight.const_data_ptr() : nullptr;
+  args.weight_dt = dtype_code(weight, "weight");
+  args.aux = aux.const_data_ptr();
+  args.aux_dt = dtype_code(aux, "aux");
+  args.dW = dW;
+  args.dM = dM;
+  args.numel = weight.numel();
+  args.surrogate = c.surrogate;
+  args.rule = c.rule;
+  args.alpha = alpha;
+  args.f64 = is_f64(grad) || is_f64(weight) || is_f64(aux);
+  return args;
+}
+
 std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                                      const at::Tensor& aux, c10::string_view surrogate,
                                                      c10::string_view rule, double alpha, bool need_weight_grad,
@@ -145,20 +166,8 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
   const at::Tensor a = aux.contiguous();
   // the weight itself is read only for dM
   const at::Tensor w = need_aux_grad ? weight.contiguous() : weight;
-  cpu::BackwardArgs args{};
-  args.grad = g.const_data_ptr();
-  args.grad_dt = dtype_code(g, "grad");
-  args.weight = need_aux_grad ? w.const_data_ptr() : nullptr;
-  args.weight_dt = dtype_code(weight, "weight");
-  args.aux = a.const_data_ptr();
-  args.aux_dt = dtype_code(a, "aux");
-  args.dW = need_weight_grad ? dW.mutable_data_ptr() : nullptr;
-  args.dM = need_aux_grad ? dM.mutable_data_ptr() : nullptr;
-  args.numel = numel;
-  args.surrogate = c.surrogate;
-  args.rule = c.rule;
-  args.alpha = alpha;
-  args.f64 = is_f64(grad) || is_f64(weight) || is_f64(aux);
+  cpu::BackwardArgs args = backward_args(g, w, need_aux_grad, a, need_weight_grad ? dW.mutable_data_ptr() : nullptr,
+                                         need_aux_grad ? dM.mutable_data_ptr() : nullptr, c, alpha);
   const auto& k = kernel_table();
   if (!c.unit) {
     if (numel > 0)
@@ -423,21 +432,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
   const at::Tensor a = aux.contiguous();
   at::Tensor T = new_output(weight);
   at::Tensor dM = need_aux_grad ? new_output(aux) : empty0(aux);
-  cpu::BackwardArgs args{};
-  args.grad = dT.const_data_ptr();
-  args.grad_dt = dtype_code(dT, "grad");
-  args.weight = w.const_data_ptr();
-  args.weight_dt = dtype_code(w, "weight");
-  args.aux = a.const_data_ptr();
-  args.aux_dt = dtype_code(a, "aux");
-  args.dW = need_weight_grad ? dT.mutable_data_ptr() : nullptr;
-  args.dM = need_aux_grad ? dM.mutable_data_ptr() : nullptr;
+  cpu::BackwardArgs args = backward_args(dT, w, true, a, need_weight_grad ? dT.mutable_data_ptr() : nullptr,
+                                         need_aux_grad ? dM.mutable_data_ptr() : nullptr, c, alpha);
   args.T = T.mutable_data_ptr();
-  args.numel = w.numel();
-  args.surrogate = c.surrogate;
-  args.rule = c.rule;
-  args.alpha = alpha;
-  args.f64 = is_f64(dT) || is_f64(w) || is_f64(a);
   const auto& k = kernel_table();
   at::parallel_for(0, args.numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
   at::Tensor dX = g2.mm(T).reshape(input.sizes());
