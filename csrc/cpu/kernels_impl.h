@@ -590,16 +590,33 @@ static void backward_unit_finish(const BackwardArgs& a, int64_t begin, int64_t e
 //   m1 = exp_avg * beta1 + (1 - beta1) * g;   m2 = exp_avg_sq * beta2 + (1 - beta2) * g * g
 //   m  = m - (lr / bias1) * m1 / (sqrt(m2) / sqrt(bias2) + eps)
 // ------------------------------------------------------------------------------------------------
+// the step's scalars in the compute precision
+template <typename CT>
+struct AdamScalars {
+  CT scale, rho, beta1, beta2, omb1, omb2, step_size, bias2_sqrt, eps;
+  explicit AdamScalars(const AdamArgs& a)
+      : scale(static_cast<CT>(a.penalty_scale)), rho(static_cast<CT>(a.rho)), beta1(static_cast<CT>(a.beta1)),
+        beta2(static_cast<CT>(a.beta2)), omb1(static_cast<CT>(1.0 - a.beta1)), omb2(static_cast<CT>(1.0 - a.beta2)),
+        step_size(static_cast<CT>(a.step_size)), bias2_sqrt(static_cast<CT>(a.bias2_sqrt)), eps(static_cast<CT>(a.eps)) {}
+};
+
+// one entry's moments and update from its total gradient g
+template <typename CT>
+AP_INLINE void adam_one(const AdamScalars<CT>& c, CT m, CT e1, CT e2, CT g, CT* m_out, CT* e1_out, CT* e2_out) {
+  const CT m1 = e1 * c.beta1 + c.omb1 * g;
+  const CT m2 = e2 * c.beta2 + c.omb2 * g * g;
+  *e1_out = m1;
+  *e2_out = m2;
+  *m_out = m - c.step_size * m1 / (sqrt_ct(m2) / c.bias2_sqrt + c.eps);
+}
+
 template <typename CT>
 static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
   CT abuf[kBlock], e1buf[kBlock], e2buf[kBlock], gbuf[kBlock], wbuf[kBlock], sp[kBlock], sn[kBlock];
   CT o1buf[kBlock], o2buf[kBlock], oabuf[kBlock];
   const CT alpha = alpha_ct<CT>(a.alpha);
-  const CT scale = static_cast<CT>(a.penalty_scale), rho = static_cast<CT>(a.rho);
-  const CT beta1 = static_cast<CT>(a.beta1), beta2 = static_cast<CT>(a.beta2);
-  const CT omb1 = static_cast<CT>(1.0 - a.beta1), omb2 = static_cast<CT>(1.0 - a.beta2);
-  const CT step_size = static_cast<CT>(a.step_size), bias2_sqrt = static_cast<CT>(a.bias2_sqrt);
-  const CT eps = static_cast<CT>(a.eps), tiny = static_cast<CT>(AP_INV_ABS_EPS);
+  const AdamScalars<CT> c(a);
+  const CT tiny = static_cast<CT>(AP_INV_ABS_EPS);
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = imin(kBlock, end - off);
     const CT* m = load_block<CT>(a.aux, a.aux_dt, off, n, abuf);
@@ -607,7 +624,7 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
     const CT* e2 = load_block<CT>(a.exp_avg_sq, a.exp_avg_sq_dt, off, n, e2buf);
     surrogate_pair_block(m, sp, sn, n, a.surrogate, alpha);
     CT* g = sp;  // the gradient overwrites s(m)
-    for (int64_t i = 0; i < n; ++i) g[i] = scale * (sp[i] - rho * sn[i]);
+    for (int64_t i = 0; i < n; ++i) g[i] = c.scale * (sp[i] - c.rho * sn[i]);
     if (a.weight) {
       const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
       for (int64_t i = 0; i < n; ++i) {
@@ -621,14 +638,7 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < n; ++i) g[i] = g[i] + gr[i];
     }
     // results go to stack buffers first (the outputs alias the inputs: in place), then out
-    for (int64_t i = 0; i < n; ++i) {
-      const CT gi = g[i];
-      const CT m1 = e1[i] * beta1 + omb1 * gi;
-      const CT m2 = e2[i] * beta2 + omb2 * gi * gi;
-      o1buf[i] = m1;
-      o2buf[i] = m2;
-      oabuf[i] = m[i] - step_size * m1 / (sqrt_ct(m2) / bias2_sqrt + eps);
-    }
+    for (int64_t i = 0; i < n; ++i) adam_one<CT>(c, m[i], e1[i], e2[i], g[i], oabuf + i, o1buf + i, o2buf + i);
     store_block<CT>(o1buf, a.exp_avg, a.exp_avg_dt, off, n);
     store_block<CT>(o2buf, a.exp_avg_sq, a.exp_avg_sq_dt, off, n);
     store_block<CT>(oabuf, a.aux, a.aux_dt, off, n);
@@ -644,22 +654,12 @@ __attribute__((noinline)) static void adam_f32_softplus(const AdamArgs& a, int64
   float* e1 = static_cast<float*>(a.exp_avg);
   float* e2 = static_cast<float*>(a.exp_avg_sq);
   const float* gr = static_cast<const float*>(a.grad);
-  const float scale = static_cast<float>(a.penalty_scale), rho = static_cast<float>(a.rho);
-  const float beta1 = static_cast<float>(a.beta1), beta2 = static_cast<float>(a.beta2);
-  const float omb1 = static_cast<float>(1.0 - a.beta1), omb2 = static_cast<float>(1.0 - a.beta2);
-  const float step_size = static_cast<float>(a.step_size), bias2_sqrt = static_cast<float>(a.bias2_sqrt);
-  const float eps = static_cast<float>(a.eps);
+  const AdamScalars<float> c(a);
   for (int64_t i = begin; i < end; ++i) {
-    const float x = m[i];
     float sp, sn;
-    softplus_pair(x, &sp, &sn);
-    const float pen = scale * (sp - rho * sn);
-    const float g = kGrad ? pen + gr[i] : pen;
-    const float m1 = e1[i] * beta1 + omb1 * g;
-    const float m2 = e2[i] * beta2 + omb2 * g * g;
-    e1[i] = m1;
-    e2[i] = m2;
-    m[i] = x - step_size * m1 / (sqrt_ct(m2) / bias2_sqrt + eps);
+    softplus_pair(m[i], &sp, &sn);
+    const float pen = c.scale * (sp - c.rho * sn);
+    adam_one<float>(c, m[i], e1[i], e2[i], kGrad ? pen + gr[i] : pen, m + i, e1 + i, e2 + i);
   }
 }
 
