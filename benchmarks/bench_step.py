@@ -20,15 +20,19 @@ and ``zero_grad(set_to_none=True)``. Implementations, each a fresh copy of the s
   for dense and the masked model; the ratio is to the compiled dense step.
 
 Cases: ``mlp`` (one 1024x1024 Linear, 4096 tokens), ``conv`` (64->64 3x3 on a 32x64x32x32 batch),
-``transformer`` (pre-LN block built from nn.Linear: d=512, 4 heads, MLP 2048, seq 256, batch 8), and on
+``transformer`` (pre-LN block built from nn.Linear: d=512, 4 heads, MLP 2048, seq 256, batch 8), ``lenet300``
+(LeNet-300-100 on 8x8 digits, batch 64: a small model, whose step is mostly per-layer fixed costs), and on
 CUDA only ``mlp_4096`` (4096x4096, 16k tokens, bf16). Plus ``apply_mask`` forward + backward at 16M
 elements, cpp against reference. All impls of one case and dtype are timed in interleaved rounds whose
 order rotates (as in ``bench_cpp``); median and IQR over rounds. The cases the 1.05x target judges
 (``mlp``, ``mlp_4096``) get ``TARGET_ROUNDS_FACTOR`` times the rounds.
 
-``python benchmarks/bench_step.py --out benchmarks/results/step_cpu_vm.json [--quick]`` measures and writes
-the JSON; ``--markdown FILE.json`` prints its Markdown table. ``pytest benchmarks/bench_step.py`` runs a
-tiny smoke of every implementation and of the writer.
+``python benchmarks/bench_step.py --out benchmarks/results/step_cpu_vm.json [--quick] [--heap steady]`` measures
+and writes the JSON; ``--markdown FILE.json`` prints its Markdown table. Every row records the mean minor page
+faults per step: on a small VM a fault costs several microseconds, and with glibc's default heap (``--heap
+default``) how many pages a step faults in again depends on the heap's history, which moves every step time by
+several percent between runs; ``--heap steady`` keeps freed memory in the heap (see :data:`HEAPS`).
+``pytest benchmarks/bench_step.py`` runs a tiny smoke of every implementation and of the writer.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class Case:
     cuda_only: bool = False
     compiled: bool = False
     target: bool = False  # a case the 1.05x step target judges: TARGET_ROUNDS_FACTOR x the rounds
+    rounds_factor: int = 1  # more rounds for steps of a few milliseconds (cheap, and noisier per step)
 
 
 def cases(tiny: bool = False) -> list[Case]:
@@ -122,6 +127,7 @@ def cases(tiny: bool = False) -> list[Case]:
             Case("mlp", "Linear 32x32, 64 tokens", lambda: nn.Linear(32, 32), (64, 32), compiled=True, target=True),
             Case("conv", "Conv2d 4->4 3x3, batch 2x4x8x8", lambda: nn.Conv2d(4, 4, 3, padding=1), (2, 4, 8, 8)),
             Case("transformer", "block d=32, 2 heads, MLP 64, seq 8, batch 2", lambda: Block(32, 2, 64), (2, 8, 32)),
+            Case("lenet300", "LeNet-300-100 on 4x4 inputs, batch 4", lambda: _lenet300(4), (4, 1, 4, 4), ("fp32",)),
             Case("mlp_4096", "Linear 64x64, 128 tokens", lambda: nn.Linear(64, 64), (128, 64), ("bf16",), True,
                  target=True),
         ]
@@ -132,9 +138,17 @@ def cases(tiny: bool = False) -> list[Case]:
              (32, 64, 32, 32)),
         Case("transformer", "pre-LN block d=512, 4 heads, MLP 2048, seq 256, batch 8", lambda: Block(512, 4, 2048),
              (8, 256, 512)),
+        Case("lenet300", "LeNet-300-100 on 8x8 digits, batch 64", lambda: _lenet300(8), (64, 1, 8, 8), ("fp32",),
+             rounds_factor=20),
         Case("mlp_4096", "Linear 4096x4096, 16384 tokens", lambda: nn.Linear(4096, 4096), (16384, 4096), ("bf16",),
              cuda_only=True, target=True),
     ]
+
+
+def _lenet300(image_size: int) -> nn.Module:
+    from autoprune_ext.models import get_model
+
+    return get_model("lenet300", num_classes=10, in_channels=1, image_size=image_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,14 +267,38 @@ def make_step(case: Case, impl: str, dtype: torch.dtype, device: torch.device, *
 # --------------------------------------------------------------------------------------------------
 # timing and memory
 # --------------------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (``None`` where ``getrusage`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int,
+                faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each callable over ``rounds`` rounds; the order rotates every round.
 
     Callers warm up first. Interleaving spreads machine noise (other jobs, page-fault state) over
-    every implementation instead of biasing whichever runs during a noisy stretch.
+    every implementation instead of biasing whichever runs during a noisy stretch. ``faults``, if
+    given, receives each call's minor page faults (first touches of fresh pages: on a small VM
+    several microseconds each, and how many a step takes depends on the malloc heap's state).
     """
     from bench_cpp import timed_round  # same directory: the one rotation rule of both benchmarks
 
+    def counted(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            before = minor_faults()
+            out = fn()
+            after = minor_faults()
+            if before is not None and after is not None:
+                faults.setdefault(name, []).append(after - before)  # type: ignore[union-attr]
+            return out
+        return call
+
+    if faults is not None:
+        fns = {n: counted(n, f) for n, f in fns.items()}
     times: dict[str, list[float]] = {n: [] for n in fns}
     for r in range(rounds):
         timed_round(fns, times, r)
@@ -311,6 +349,30 @@ def _malloc(trim: bool = True, exact: bool = False) -> None:
             _libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+#: ``--heap`` settings: glibc's default (frees above a dynamic threshold go back to the kernel, so
+#: the next step faults those pages in again; how many depends on the heap's history), or a steady
+#: heap (freed memory stays in the heap for reuse, as jemalloc / tcmalloc keep it): neither trims
+#: nor maps blocks below 32 MiB separately
+HEAPS = ("default", "steady")
+
+
+def set_heap(heap: str) -> str:
+    """Apply a :data:`HEAPS` setting to this process; returns what is in effect (glibc only)."""
+    if heap not in HEAPS:
+        raise ValueError(f"heap: expected one of {HEAPS}, got {heap!r}")
+    if heap == "default":
+        return heap
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        ok = _libc.mallopt(-1, 1 << 30) and _libc.mallopt(-3, 32 << 20)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise RuntimeError("heap='steady' needs glibc's mallopt (Linux)")
+    return heap
 
 
 def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -367,8 +429,9 @@ def measure_steps(case_list: list[Case], device: torch.device, rounds: int, *, c
                     except Skip as exc:
                         skipped.append({"case": case.name, "dtype": dname, "impl": impl, "reason": str(exc)})
                 gc.collect()
-                n_rounds = rounds * (TARGET_ROUNDS_FACTOR if case.target else 1)
-                times = interleaved({k: s.fn for k, s in group.items()}, n_rounds)
+                n_rounds = rounds * (TARGET_ROUNDS_FACTOR if case.target else 1) * case.rounds_factor
+                faults: dict[str, list[int]] = {}
+                times = interleaved({k: s.fn for k, s in group.items()}, n_rounds, faults)
                 base = "dense+compile" if impls is COMPILED_IMPLS else "dense"
                 dense_ms = statistics.median(times[base]) * 1e3 if base in times else None
                 dense_t = times.get(base)
@@ -383,6 +446,8 @@ def measure_steps(case_list: list[Case], device: torch.device, rounds: int, *, c
                         "ratio_paired": round(statistics.median(a / b for a, b in zip(times[impl], dense_t)), 3)
                         if dense_t else None,
                         "ratio_paired_ci90": paired_ci90(times[impl], dense_t) if dense_t else None,
+                        # the mean: a step that faults a buffer in again costs its pages' time once
+                        "faults_per_step": round(statistics.fmean(faults[impl])) if faults.get(impl) else None,
                         "peak_extra_MB": None, "state_MB": round(st.state_bytes / 2**20, 3),
                         "compile_s": st.compile_s, "note": st.note,
                     })
@@ -568,7 +633,9 @@ def targets(rows: list[dict], micro: list[dict], device: torch.device) -> dict[s
 
 def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int, tiny: bool = False,
                   case_names: Iterable[str] | None = None, dtypes: Iterable[str] | None = None, micro_numel: int = 16 * 2**20, do_profile: bool = True,
-                  compile_backend: str = "inductor", log: Callable[[str], None] = print) -> dict:
+                  compile_backend: str = "inductor", heap: str = "default",
+                  log: Callable[[str], None] = print) -> dict:
+    heap = set_heap(heap)  # before any model exists: the whole run sees one heap policy
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     _build.load(build=True)
@@ -603,7 +670,8 @@ def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int,
         "method": (f"one step = forward, out.backward(g) (input requires grad: dX computed), Adam on the weights, "
                    f"AuxAdam (penalty 0.1) on the aux tensors of masked models, zero_grad(set_to_none). Each impl is a "
                    f"fresh seeded model, warmed up by two steps (compile_s: the first compiled step), then "
-                   f"{rounds} interleaved rounds ({TARGET_ROUNDS_FACTOR * rounds} for the mlp target case) with "
+                   f"{rounds} interleaved rounds ({TARGET_ROUNDS_FACTOR * rounds} for the mlp target case, "
+                   f"{rounds} x rounds_factor for small cases) with "
                    f"rotating order per case/dtype group; ms_median and "
                    f"ms_iqr (q3 - q1) over rounds. ratio_to_dense: median / the group's dense median (compiled rows: "
                    f"/ dense+compile). +compile: torch.compile(model, backend={compile_backend!r}), optimisers eager. "
@@ -611,8 +679,11 @@ def write_results(path: str | os.PathLike, *, device: torch.device, rounds: int,
                                          if device.type == "cuda" else
                                          "VmHWM above VmRSS over one step after malloc_trim, measured last with glibc "
                                          "mmap-ing every block >= 128 KiB") +
-                   "; state_MB: parameters, buffers and optimiser states held between steps."),
-        "config": {"rounds": rounds, "tiny": tiny, "cases": {c.name: c.desc for c in case_list},
+                   "; state_MB: parameters, buffers and optimiser states held between steps. faults_per_step: "
+                   "mean minor page faults per timed step (getrusage). heap: 'default' is glibc's malloc as "
+                   "configured; 'steady' never trims the heap nor maps blocks below 32 MiB on their own (freed "
+                   "memory is reused without new page faults, as jemalloc / tcmalloc do)."),
+        "config": {"rounds": rounds, "tiny": tiny, "heap": heap, "cases": {c.name: c.desc for c in case_list},
                    "wall_s": round(time.perf_counter() - t_start, 1)},
         "rows": rows,
         "skipped": skipped,
@@ -640,15 +711,16 @@ def render_markdown(data: dict) -> str:
     d, v = data["device"], data["versions"]
     la = data["load_average"]["start"]
     lines = [f"Device `{d['name']}` ({d['gpu'] or d['cpu']}, {d['torch_threads']} threads), torch {v['torch']}, "
-             f"triton {v['triton']}, {data['date']}, load average at start {la[0]:.2f}."
+             f"triton {v['triton']}, {data['date']}, load average at start {la[0]:.2f}, "
+             f"heap {data['config'].get('heap', 'default')}."
              + (f" **{data['note']}.**" if data.get("note") else ""), "",
-             "| case | dtype | impl | ms (median) | IQR | × dense (paired) [90% CI] | × dense (medians) | peak extra MB "
-             "| state MB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| case | dtype | impl | ms (median) | IQR | × dense (paired) [90% CI] | × dense (medians) | faults/step "
+             "| peak extra MB | state MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         lines.append(f"| {r['case']} | {r['dtype']} | {r['impl']} | {_f(r['ms_median'])} | {_f(r['ms_iqr'])} | "
                      f"{_f(r.get('ratio_paired'), '.3f')}{_ci(r.get('ratio_paired_ci90'))} | "
-                     f"{_f(r['ratio_to_dense'], '.3f')} | "
+                     f"{_f(r['ratio_to_dense'], '.3f')} | {_f(r.get('faults_per_step'), '.0f')} | "
                      f"{_f(r['peak_extra_MB'], '.1f')} | {_f(r['state_MB'], '.1f')} |")
     micro = [m for m in data["apply_mask_fwd_bwd"] if "speedup" in m]
     if micro:
@@ -707,6 +779,7 @@ def test_smoke_every_impl_and_writer(tmp_path: Path) -> None:
         assert r["ratio_paired"] > 0
         assert r["ratio_paired_ci90"] is None  # one round: too few for an interval
         assert r["peak_extra_MB"] is None or r["peak_extra_MB"] >= 0
+        assert r["faults_per_step"] is None or r["faults_per_step"] >= 0
     masked, dense = (next(r for r in data["rows"] if r["case"] == "mlp" and r["dtype"] == "fp32" and r["impl"] == i)
                      for i in ("masked_reference", "dense"))
     assert masked["state_MB"] > dense["state_MB"]  # aux and its two moments
@@ -716,15 +789,47 @@ def test_smoke_every_impl_and_writer(tmp_path: Path) -> None:
         o = data["overhead_mlp"][dt]
         assert o["masked_non_gemm_ms"] > 0 and o["dense_non_gemm_ms"] > 0
         assert o["extra_ms"] == round(o["masked_non_gemm_ms"] - o["dense_non_gemm_ms"], 2)
+    if minor_faults() is not None:
+        assert all(r["faults_per_step"] is not None for r in data["rows"])
+    assert data["config"]["heap"] == "default"
     md = render_markdown(data)
-    assert "Profiled overhead, mlp fp32 masked_cpp" in md
+    assert "Profiled overhead, mlp fp32 masked_cpp" in md and "heap default" in md and "faults/step" in md
     assert md.count("\n| mlp |") == sum(r["case"] == "mlp" for r in data["rows"]) and "× dense" in md
+
+
+def test_set_heap() -> None:
+    import pytest
+
+    assert set_heap("default") == "default"  # a no-op
+    with pytest.raises(ValueError, match="heap: expected one of"):
+        set_heap("huge")
+    if not sys.platform.startswith("linux"):
+        return
+    # 'steady' changes this process's malloc for good: try it in a child. Freed 4 MiB blocks are reused
+    # there without new page faults (glibc's default maps each one afresh at first)
+    code = ("import ctypes, resource, sys; sys.path.insert(0, sys.argv[1]); import bench_step as b; "
+            "print(b.set_heap('steady')); libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; "
+            "libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]; n = 4 << 20; f = []\n"
+            "for _ in range(3):\n"
+            "    p = libc.malloc(n); f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; libc.memset(p, 1, n)\n"
+            "    f.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0); libc.free(ctypes.c_void_p(p))\n"
+            "print(f)")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0] == "steady"
+    first, *again = eval(out[1])
+    assert first > 500 and max(again) < 50, out[1]  # 1024 pages faulted once, then reused
 
 
 def test_interleaved_rotates() -> None:
     calls: list[str] = []
-    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    faults: dict[str, list[int]] = {}
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, faults)
     assert calls == ["a", "b", "b", "a", "a", "b"] and all(len(t) == 3 for t in times.values())
+    if minor_faults() is not None:
+        assert sorted(faults) == ["a", "b"] and all(len(f) == 3 and min(f) >= 0 for f in faults.values())
     assert summary_ms([0.001, 0.002, 0.003, 0.004, 0.005]) == (3.0, 2.0, 2.0, 4.0)
 
 
@@ -744,18 +849,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/step_<device>.json)")
     p.add_argument("--quick", action="store_true", help="5 rounds instead of 15")
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--cases", default=None, help="comma-separated subset of mlp,conv,transformer,mlp_4096")
+    p.add_argument("--cases", default=None, help="comma-separated subset of mlp,conv,transformer,lenet300,mlp_4096")
     p.add_argument("--dtypes", default=None, help="comma-separated subset of fp32,bf16 for the step cases")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--heap", choices=HEAPS, default="default",
+                   help="malloc policy for the run (steady: no trimming; default output name gets _steady_heap)")
     p.add_argument("--markdown", metavar="JSON", default=None, help="print the Markdown table of a results file")
     a = p.parse_args(argv)
     if a.markdown:
         print(render_markdown(json.loads(Path(a.markdown).read_text())), end="")
         return 0
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(a.out) if a.out else RESULTS_DIR / f"step_{device_name(dev)}.json"
+    suffix = "" if a.heap == "default" else f"_{a.heap}_heap"
+    out = Path(a.out) if a.out else RESULTS_DIR / f"step_{device_name(dev)}{suffix}.json"
     rounds = a.rounds or (5 if a.quick else 15)
-    data = write_results(out, device=dev, rounds=rounds, do_profile=not a.no_profile,
+    data = write_results(out, device=dev, rounds=rounds, do_profile=not a.no_profile, heap=a.heap,
                          case_names=a.cases.split(",") if a.cases else None,
                          dtypes=a.dtypes.split(",") if a.dtypes else None)
     _print_profile(data["profile_mlp"])
