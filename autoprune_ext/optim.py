@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _build, _checks
 from . import ops as _ops
 from . import reference as ref
 from .convert import masked_modules
@@ -339,10 +339,12 @@ class AuxAdam(torch.optim.Optimizer):
     def _nonfinite_grad(self) -> tuple[int, int, Tensor] | None:
         """``(group, position, param)`` of the first parameter whose gradient holds NaN/inf, or ``None``.
 
-        One reduction per gradient (a sum on CPU; on GPU ``torch._foreach_norm``, one launch per
-        (device, dtype) bucket) and one host sync in all. A non-finite result is confirmed entry by
-        entry (huge finite gradients may overflow it; only then is there more work). Sharded (DTensor)
-        gradients are combined over the ranks, so every rank decides alike.
+        On CPU with the C++ extension loaded: one call (``autoprune_cpp::nonfinite_indices``) tests
+        every gradient's exponent bits, exactly and in one parallel pass. Otherwise one reduction per
+        gradient (a sum on CPU; on GPU ``torch._foreach_norm``, one launch per (device, dtype) bucket)
+        and one host sync in all; a non-finite result is confirmed entry by entry (huge finite
+        gradients may overflow it; only then is there more work). Sharded (DTensor) gradients are
+        combined over the ranks, so every rank decides alike.
         """
         if not _checks._finite_checks_enabled():
             return None
@@ -357,6 +359,12 @@ class AuxAdam(torch.optim.Optimizer):
         if buckets:
             totals, order = [], []  # one finite-iff-finite reduction per gradient
             for (dev, dtype), ks in buckets.items():
+                if dev.type == "cpu" and _build.loaded() and all(
+                        type(grads[k]) in _checks.PLAIN_TENSOR_TYPES for k in ks):
+                    # exact and without temporaries: a small model's few gradients cost one call
+                    # instead of a sum each, a stack and a sync
+                    bad += [ks[i] for i in torch.ops.autoprune_cpp.nonfinite_indices([grads[k] for k in ks])]
+                    continue
                 if dev.type == "cpu":
                     # a sum is finite exactly when every entry is finite, barring overflow (confirmed
                     # below), and costs a third of a norm here (one add per entry; CPU foreach ops
@@ -367,10 +375,11 @@ class AuxAdam(torch.optim.Optimizer):
                 else:  # one fused launch on GPU
                     totals.append(torch.stack(torch._foreach_norm([grads[k] for k in ks])).float())
                 order.extend(ks)
-            dev = totals[0].device
-            host = torch.cat([t.to(dev) for t in totals]).tolist()  # the one host sync
-            bad = [k for k, v in zip(order, host) if not math.isfinite(v)]
-            bad = [k for k in bad if not bool(torch.isfinite(grads[k]).all())]  # an overflow is no NaN/inf
+            if totals:
+                dev = totals[0].device
+                host = torch.cat([t.to(dev) for t in totals]).tolist()  # the one host sync
+                suspects = [k for k, v in zip(order, host) if not math.isfinite(v)]
+                bad += [k for k in suspects if not bool(torch.isfinite(grads[k]).all())]  # an overflow is no NaN/inf
         sharded = [k for k, (_, _, p) in enumerate(entries) if is_dtensor(p.grad)]
         if sharded:  # agree over the ranks: every rank reduces the same entries in the same order
             dev = grads[sharded[0]].device

@@ -40,7 +40,11 @@ namespace autoprune {
 namespace {
 
 constexpr int64_t kGrain = 32768;           // elements per parallel chunk at least
-constexpr int64_t kAdamTask = 65536;        // elements per multi-tensor Adam task
+// the coarse-gradient pass and the Adam step cost a softplus (an exp and a log1p) per entry, about
+// 1.5-2 ns: a small layer's 20k entries are worth two threads there, and the Adam tasks of a small
+// model's few tensors balance over the threads only when cut this fine
+constexpr int64_t kGrainSoftplus = 8192;
+constexpr int64_t kAdamTask = 8192;         // elements per multi-tensor Adam task
 
 using cpu::kernel_table;
 
@@ -171,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> mask_backward_cpu(const at::Tensor& grad, con
   const auto& k = kernel_table();
   if (!c.unit) {
     if (numel > 0)
-      at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
+      at::parallel_for(0, numel, kGrainSoftplus, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
     return {dW, dM};
   }
   const int64_t rows = aux.numel();
@@ -273,7 +277,7 @@ void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const a
                                beta2, eps, penalty_scale, rho, sur, alpha, "");
   if (t.args.numel > 0) {
     const auto& k = kernel_table();
-    at::parallel_for(0, t.args.numel, kGrain, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
+    at::parallel_for(0, t.args.numel, kGrainSoftplus, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
   }
   finish(t.set);
 }
@@ -436,12 +440,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
                                          need_aux_grad ? dM.mutable_data_ptr() : nullptr, c, alpha);
   args.T = T.mutable_data_ptr();
   const auto& k = kernel_table();
-  at::parallel_for(0, args.numel, kGrain, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
+  at::parallel_for(0, args.numel, kGrainSoftplus, [&](int64_t b, int64_t e) { k.backward_weight(args, b, e); });
   at::Tensor dX = g2.mm(T).reshape(input.sizes());
   at::Tensor dW = need_weight_grad ? dT : empty0(weight);
   const std::vector<int64_t> dim0{0};
   at::Tensor db = need_bias_grad ? g2.sum(dim0) : empty0(grad_out);
   return {dX, dW, dM, db};
+}
+
+// ------------------------------------------------------------------------------------------------
+// nonfinite_indices: which tensors hold a NaN or inf (AuxAdam's test of the gradients on CPU)
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kScanTask = 65536;  // elements per task of the one parallel region
+
+// whether any entry has an all-ones exponent (NaN or inf): exact, no sum that could overflow; the
+// OR of comparisons has no branch, so the loop vectorises
+template <typename Bits>
+bool any_nonfinite(const void* data, int64_t begin, int64_t end, Bits exponent) {
+  const Bits* p = static_cast<const Bits*>(data);
+  Bits hit = 0;
+  for (int64_t i = begin; i < end; ++i) hit |= static_cast<Bits>((p[i] & exponent) == exponent);
+  return hit != 0;
+}
+
+std::vector<int64_t> nonfinite_indices_cpu(at::TensorList tensors) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  std::vector<at::Tensor> work;
+  std::vector<int> codes;
+  work.reserve(n);
+  codes.reserve(n);
+  struct Task {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < n; ++i) {
+    const std::string name = "tensors[" + std::to_string(i) + "]";
+    check_device(tensors[i], name.c_str(), c10::DeviceType::CPU);
+    codes.push_back(dtype_code(tensors[i], name.c_str()));
+    work.push_back(tensors[i].contiguous());
+    const int64_t numel = work.back().numel();
+    for (int64_t b = 0; b < numel; b += kScanTask) tasks.push_back({i, b, std::min(numel, b + kScanTask)});
+  }
+  std::vector<uint8_t> task_bad(tasks.size(), 0);  // one slot per task: no two threads write one byte
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const Task& t = tasks[k];
+      const void* data = work[t.tensor].const_data_ptr();
+      switch (codes[t.tensor]) {
+        case AP_F32: task_bad[k] = any_nonfinite<uint32_t>(data, t.begin, t.end, 0x7f800000u); break;
+        case AP_F64: task_bad[k] = any_nonfinite<uint64_t>(data, t.begin, t.end, 0x7ff0000000000000ull); break;
+        case AP_BF16: task_bad[k] = any_nonfinite<uint16_t>(data, t.begin, t.end, 0x7f80u); break;
+        default: task_bad[k] = any_nonfinite<uint16_t>(data, t.begin, t.end, 0x7c00u); break;  // float16
+      }
+    }
+  });
+  std::vector<int64_t> out;
+  for (size_t k = 0; k < tasks.size(); ++k)
+    if (task_bad[k] && (out.empty() || out.back() != tasks[k].tensor)) out.push_back(tasks[k].tensor);
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -496,6 +552,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
       "Tensor?[] weights, SymInt[] steps, float[] penalty_scales, float lr, float beta1, float beta2, float eps, "
       "float rho, str surrogate, float alpha) -> ()");
   m.def("nm_scores(Tensor aux, int n, int m) -> Tensor");
+  m.def("nonfinite_indices(Tensor[] tensors) -> int[]");
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);
   m.def("cpu_isas() -> str[]", &autoprune::cpu_isas);
   m.def("set_cpu_isa(str isa) -> str", &autoprune::set_cpu_isa);
@@ -511,6 +568,7 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
   m.impl("mask_backward", &autoprune::mask_backward_cpu);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cpu);
+  m.impl("nonfinite_indices", &autoprune::nonfinite_indices_cpu);
 }
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, Meta, m) {

@@ -982,10 +982,18 @@ def test_nonfinite_check_handles_huge_finite_and_empty_gradients():
     assert opt.state[p]["step"] == 1
 
 
+@pytest.mark.parametrize("scan", ["extension", "sums"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_nonfinite_check_confirms_an_overflowing_sum(dtype):
+def test_nonfinite_check_confirms_an_overflowing_sum(dtype, scan, monkeypatch):
     # every entry finite and huge: the CPU test's sum overflows (float32, bfloat16) or would in the
-    # gradient's own precision (float16): the step must still run
+    # gradient's own precision (float16): the step must still run. Both CPU tests: the extension's
+    # exact scan and, without the extension, one sum per gradient confirmed entry by entry
+    from autoprune_ext import _build, optim
+
+    if scan == "extension" and not _build.load():
+        pytest.skip("the C++ extension is not built here")
+    if scan == "sums":
+        monkeypatch.setattr(optim._build, "loaded", lambda: False)
     p = nn.Parameter(torch.zeros(4, 5, dtype=dtype))
     opt = AuxAdam([p], nonfinite="raise")
     huge = torch.finfo(dtype).max

@@ -590,6 +590,41 @@ def test_argument_errors(ext):
         ext.aux_adam_step_(w, rand((3,)), w.clone(), None, None, 1, 0.1, 0.9, 0.999, 1e-8, 0.1, 1e-3, "softplus", 0.1)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_nonfinite_indices_is_exact(ext, dtype):
+    """Every tensor's NaN/inf found wherever it sits (first, last, across a 65536-entry task boundary,
+    in a non-contiguous view), none reported for huge finite values, denormals or empty tensors."""
+    gen = torch.Generator().manual_seed(7)
+    fi = torch.finfo(dtype)
+    specials = (float("nan"), -float("nan"), float("inf"), -float("inf"))
+    sizes = (1, 7, 129, 65536 + 3, 200001)
+    tensors, want = [], []
+    for i, n in enumerate(sizes * 2):
+        t = (torch.randn(n, generator=gen) * 3).to(dtype)
+        t[torch.randint(0, n, (min(n, 5),), generator=gen)] = fi.max  # huge but finite
+        t[0] = fi.tiny / 4 if dtype != torch.bfloat16 else fi.tiny  # a denormal (bf16: the smallest normal)
+        if i % 2:  # every other tensor gets one special value somewhere
+            pos = (0, n - 1, 65535 if n > 65536 else n // 2)[i % 3]
+            t[pos] = specials[i % 4]
+            want.append(i)
+        tensors.append(t)
+    tensors.insert(3, torch.empty(0, dtype=dtype))  # empty: finite, and the indices after it shift
+    want = [k + (k >= 3) for k in want]
+    assert ext.nonfinite_indices(tensors) == want
+    assert want == [k for k, t in enumerate(tensors) if not bool(torch.isfinite(t).all())]
+    base = torch.randn(50, 40, generator=gen).to(dtype)
+    view = base.t()[::3]  # non-contiguous
+    assert ext.nonfinite_indices([view]) == []
+    base[11, 3 * 7] = float("inf")  # inside the view only: base's column 21 is the view's row 7
+    assert ext.nonfinite_indices([base.t()[1::3], view]) == [1]
+    assert ext.nonfinite_indices([torch.ones(3, dtype=dtype)]) == []
+
+
+def test_nonfinite_indices_errors(ext):
+    with pytest.raises(TypeError, match=r"tensors\[1\]: expected dtype in"):
+        ext.nonfinite_indices([torch.ones(2), torch.ones(2, dtype=torch.int32)])
+
+
 def _opcheck_cases():
     w = rand((9, 5))
     m = rand((9, 5))
