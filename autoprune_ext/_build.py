@@ -43,6 +43,7 @@ JIT_NAME = "autoprune_ext_cpp"
 
 CPU_SOURCES: tuple[str, ...] = (
     "ops.cpp",
+    "autograd.cpp",
     "cpu/kernels_dispatch.cpp",
     "cpu/kernels_isa_default.cpp",
     "cpu/kernels_isa_avx2.cpp",

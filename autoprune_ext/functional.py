@@ -3,7 +3,8 @@
 Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then
 calls one registered op (``torch.ops.autoprune.*``), so the same code runs eagerly, under
 ``torch.compile`` and on every backend. Plain eager calls take the op layer's fast path (the same
-checks and backend code without the custom op's Python dispatch layers; see ``ops.eager_fast``).
+checks and backend code without the custom op's Python dispatch layers; with the ``cpp`` backend on
+CPU one native autograd node per call; see ``ops.eager_fast``).
 Backward computes the AutoPrune coarse gradient and only the gradients autograd needs: with
 ``weight`` frozen no ``dW`` work is done, with ``aux`` frozen no ``dM`` work.
 """
@@ -18,14 +19,6 @@ from . import _checks
 from . import ops as _ops
 
 _IntOrTuple = int | tuple[int, ...]
-
-
-def _prepare(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float) -> float:
-    # the finiteness test of aux comes with the op call (check_finite=True): fused into the kernel
-    # where the backend can
-    _checks.check_names(surrogate, rule, alpha)
-    _checks.check_mask_pair(weight, aux, finite=False)
-    return float(alpha)
 
 
 def apply_mask(
@@ -44,7 +37,8 @@ def apply_mask(
         ``T``, a new contiguous tensor of ``weight``'s shape and dtype. Backward gives
         ``dW = g * h(M)`` and the coarse ``dM``.
     """
-    alpha = _prepare(weight, aux, surrogate, rule, alpha)
+    # the op layer checks every argument (check_finite=True: the functional API's call) and tests aux
+    # for NaN/inf, fused into the kernel where the backend can
     return _ops.call_apply_mask(weight, aux, surrogate, rule, alpha, check_finite=True)
 
 
@@ -63,10 +57,6 @@ def masked_linear(
     One op: a backend with a mask-fused matmul never writes the masked weight. Options as in
     :func:`apply_mask`.
     """
-    alpha = _prepare(weight, aux, surrogate, rule, alpha)
-    _checks.check_tensor(input, "input")  # the op checks the rest; a non-tensor would fail its schema first
-    if bias is not None:
-        _checks.check_tensor(bias, "bias")
     return _ops.call_masked_linear(input, weight, aux, bias, surrogate, rule, alpha, check_finite=True)
 
 

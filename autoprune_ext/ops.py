@@ -567,11 +567,20 @@ def call_apply_mask(weight: Tensor, aux: Tensor, surrogate: str, rule: str, alph
                     check_finite: bool = False) -> Tensor:
     """``torch.ops.autoprune.apply_mask``, through the eager fast path where allowed.
 
-    ``check_finite``: first raise ``ValueError`` if ``aux`` holds NaN/inf (the functional API's
-    test; on the fast path a backend may fuse it into its kernel)."""
+    ``check_finite``: the functional API's call: check the arguments here (clear errors before the
+    op's schema would see a wrong type) and raise ``ValueError`` if ``aux`` holds NaN/inf (on the fast
+    path a backend may fuse that test into its kernel)."""
     if eager_fast(weight, aux):
+        _check_mask_args(weight, aux, surrogate, rule, alpha)
+        alpha = float(alpha)
+        out = backends.select(weight.device).apply_mask_autograd(
+            weight, aux, surrogate, rule, alpha, check_finite and _checks._finite_checks_enabled())
+        if out is not None:  # a native node, as in call_masked_linear
+            return out
         return _ApplyMaskFn.apply(weight, aux, surrogate, rule, alpha, check_finite)
     if check_finite:
+        _check_mask_args(weight, aux, surrogate, rule, alpha)
+        alpha = float(alpha)
         _checks.check_finite(aux, "aux")
     return torch.ops.autoprune.apply_mask(weight, aux, surrogate, rule, alpha)
 
@@ -588,10 +597,18 @@ def call_masked_linear(input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor 
     """``torch.ops.autoprune.masked_linear``, through the eager fast path where allowed
     (``check_finite`` as in :func:`call_apply_mask`)."""
     if eager_fast(input, weight, aux, bias):
-        return _MaskedLinearFn.apply(input, weight, aux, bias, surrogate, rule, alpha, check_finite)
-    if check_finite:  # after the argument checks, as on the fast path
         _check_mask_args(weight, aux, surrogate, rule, alpha)
         _check_linear_args(input, weight, bias)
+        alpha = float(alpha)
+        out = backends.select(weight.device).masked_linear_autograd(
+            input, weight, aux, bias, surrogate, rule, alpha, check_finite and _checks._finite_checks_enabled())
+        if out is not None:  # a native node: the same kernels and results without Python in the graph
+            return out
+        return _MaskedLinearFn.apply(input, weight, aux, bias, surrogate, rule, alpha, check_finite)
+    if check_finite:  # the functional API's call: the argument checks first, as on the fast path
+        _check_mask_args(weight, aux, surrogate, rule, alpha)
+        _check_linear_args(input, weight, bias)
+        alpha = float(alpha)
         _checks.check_finite(aux, "aux")
     return torch.ops.autoprune.masked_linear(input, weight, aux, bias, surrogate, rule, alpha)
 

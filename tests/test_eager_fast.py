@@ -246,3 +246,88 @@ def test_finiteness_test_of_aux_on_every_path(backend, aux_dtype, unit, monkeypa
             for call in calls:
                 call(bad)  # the test is off: the raw op's rule applies (NaN and -inf pruned)
             monkeypatch.delenv("AUTOPRUNE_CHECK_FINITE")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unit", [False, True])
+def test_cpp_masked_linear_is_one_native_node(dtype, unit, monkeypatch):
+    """With the cpp backend on CPU, the eager masked_linear is one C++ autograd node (no Python frame in
+    forward or backward) that gives the Python ``autograd.Function``'s results bit for bit, for every
+    set of inputs that need a gradient, with or without bias; saved-tensor hooks see what it saves."""
+    ok, why = backends.availability("cpp", "cpu")
+    if not ok:
+        pytest.skip(f"cpp backend unavailable: {why}")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g).to(dtype)
+    w = torch.randn(9, 5, generator=g).to(dtype)
+    m = torch.randn((9,) if unit else (9, 5), generator=g)
+    b = torch.randn(9, generator=g).to(dtype)
+    gy = torch.randn(2, 3, 9, generator=g).to(dtype)
+
+    def run(need: tuple[bool, ...], bias: bool):
+        leaves = [t.detach().clone().requires_grad_(r) for t, r in zip((x, w, m, b), need)]
+        with backends.use("cpp"):
+            y = apf.masked_linear(leaves[0], leaves[1], leaves[2], leaves[3] if bias else None)
+            name = y.grad_fn.name() if y.grad_fn is not None else None
+            if y.requires_grad:
+                y.backward(gy)
+        return y.detach(), [t.grad for t in leaves], name
+
+    cpp = backends.get("cpp")
+    for need in [(True, True, True, True), (False, True, True, True), (True, False, True, False),
+                 (False, False, True, False), (True, True, False, True), (False, False, False, True)]:
+        for bias in (True, False):
+            native = run(need, bias)
+            with monkeypatch.context() as mp:
+                mp.setattr(cpp, "masked_linear_autograd", lambda *a, **k: None)  # the Python Function instead
+                python = run(need, bias)
+            if any(need[:3]) or (bias and need[3]):
+                assert "MaskedLinearFunction" in native[2] and python[2] == "_MaskedLinearFnBackward"
+            else:  # nothing to differentiate: no node on either path
+                assert native[2] is None and python[2] is None
+            assert torch.equal(native[0], python[0])
+            for gn, gp in zip(native[1], python[1]):
+                assert (gn is None) == (gp is None) and (gn is None or torch.equal(gn, gp)), (need, bias)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with backends.use("cpp"):
+            apf.masked_linear(x, w.detach().requires_grad_(), m).sum().backward()
+    assert len(packed) == 3  # input, weight, aux
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unit", [False, True])
+def test_cpp_apply_mask_is_one_native_node(dtype, unit, monkeypatch):
+    """apply_mask (what the masked convolutions and N:M masks use) likewise: one C++ node with the
+    Python Function's results bit for bit, for a conv layer's weight and each needed gradient."""
+    ok, why = backends.availability("cpp", "cpu")
+    if not ok:
+        pytest.skip(f"cpp backend unavailable: {why}")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, 6, generator=g).to(dtype)
+    w = torch.randn(4, 3, 3, 3, generator=g).to(dtype)
+    m = torch.randn((4,) if unit else (4, 3, 3, 3), generator=g)
+    gy = torch.randn(2, 4, 6, 6, generator=g).to(dtype)
+    cpp = backends.get("cpp")
+
+    def run(need_w: bool, need_m: bool):
+        wl, ml = w.clone().requires_grad_(need_w), m.clone().requires_grad_(need_m)
+        with backends.use("cpp"):
+            t = apf.apply_mask(wl, ml, surrogate="sigmoid", rule="chain")
+            name = t.grad_fn.name() if t.grad_fn is not None else None
+            y = torch.nn.functional.conv2d(x, t, padding=1)
+            if y.requires_grad:
+                y.backward(gy)
+        return t.detach(), wl.grad, ml.grad, name
+
+    for need_w, need_m in [(True, True), (True, False), (False, True), (False, False)]:
+        native = run(need_w, need_m)
+        with monkeypatch.context() as mp:
+            mp.setattr(cpp, "apply_mask_autograd", lambda *a, **k: None)
+            python = run(need_w, need_m)
+        if need_w or need_m:
+            assert "ApplyMaskFunction" in native[3] and python[3] == "_ApplyMaskFnBackward"
+        else:
+            assert native[3] is None and python[3] is None
+        for a, b in zip(native[:3], python[:3]):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (need_w, need_m)

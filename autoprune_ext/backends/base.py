@@ -139,5 +139,20 @@ class Backend:
             apply_mask_fn=self.apply_mask, mask_backward_fn=self.mask_backward,
         )
 
+    def apply_mask_autograd(self, weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float,
+                            check_finite: bool) -> Tensor | None:
+        """As :meth:`masked_linear_autograd`, for ``apply_mask`` (:meth:`apply_mask_checked` /
+        :meth:`apply_mask` forward, :meth:`mask_backward` backward); ``None`` where there is none."""
+        return None
+
+    def masked_linear_autograd(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None, surrogate: str,
+                               rule: str, alpha: float, check_finite: bool) -> Tensor | None:
+        """The differentiable ``masked_linear`` (forward now, backward recorded) as one native autograd
+        node, for the eager fast path; ``None`` where this backend has none (the op layer's Python
+        ``autograd.Function`` then runs :meth:`masked_linear_checked` / :meth:`masked_linear` and
+        :meth:`masked_linear_backward`, which the native node must match bit for bit). Arguments are
+        checked by the caller; ``check_finite``: the forward is :meth:`masked_linear_checked`."""
+        return None
+
     def __repr__(self) -> str:
         return f"<autoprune backend {self.name!r}>"

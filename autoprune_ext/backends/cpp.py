@@ -33,6 +33,7 @@ and a multi-tensor launch on CUDA.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -190,6 +191,23 @@ class CppBackend(Backend):
         if weight.device.type != "cpu" or not self._ready(weight):
             return super().masked_linear_checked(input, weight, aux, bias)
         return torch.ops.autoprune_cpp.masked_linear_checked(input, weight, aux, bias)
+
+    # one C++ autograd node (csrc/autograd.cpp): no Python frame in forward or backward, which is most
+    # of a small layer's step (about 0.1 ms per layer and step)
+    def _native(self, weight: Tensor, name: str) -> Any:
+        if weight.device.type != "cpu" or not self._ready(weight):
+            return None
+        return getattr(torch.ops.autoprune_cpp, name, None)  # absent from a library built before it existed
+
+    def masked_linear_autograd(self, input: Tensor, weight: Tensor, aux: Tensor, bias: Tensor | None, surrogate: str,
+                               rule: str, alpha: float, check_finite: bool) -> Tensor | None:
+        op = self._native(weight, "masked_linear_autograd")
+        return None if op is None else op(input, weight, aux, bias, surrogate, rule, float(alpha), bool(check_finite))
+
+    def apply_mask_autograd(self, weight: Tensor, aux: Tensor, surrogate: str, rule: str, alpha: float,
+                            check_finite: bool) -> Tensor | None:
+        op = self._native(weight, "apply_mask_autograd")
+        return None if op is None else op(weight, aux, surrogate, rule, float(alpha), bool(check_finite))
 
     def masked_linear_backward(
         self, grad_out, input, weight, aux, surrogate, rule, alpha,

@@ -1,0 +1,201 @@
+// masked_linear_autograd / apply_mask_autograd: the masked linear layer's and the masked weight's
+// forward and backward as one C++ autograd node each.
+//
+// The eager fast path of autoprune_ext/ops.py takes them for plain CPU tensors when the `cpp` backend
+// runs the ops. They compute exactly what the Python autograd.Functions (_MaskedLinearFn,
+// _ApplyMaskFn) compute, with the same kernels (masked_linear_checked / masked_linear and
+// masked_linear_backward; apply_mask_checked / apply_mask and mask_backward), without a Python frame
+// in forward or backward: a small layer's step loses most of its fixed cost. The Python layer checks
+// every argument before calling them; this file adds no checks of its own.
+//
+// Under create_graph the first-order gradients come out attached to a node that raises when
+// differentiated again, as the Python path's registered backward op does (the mask ops have no
+// second derivative): never a silently partial higher-order gradient.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace autoprune {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_masked_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+                              const std::optional<at::Tensor>& bias, bool check_finite) {
+  // the forward does not depend on the surrogate, rule or alpha (only the backward does)
+  if (check_finite) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("autoprune_cpp::masked_linear_checked", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&)>();
+    return op.call(input, weight, aux, bias);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::masked_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, c10::string_view, c10::string_view,
+                                         double)>();
+  return op.call(input, weight, aux, bias, "softplus", "sign", 0.1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_masked_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+    const std::string& surrogate, const std::string& rule, double alpha, bool need_x, bool need_w, bool need_m,
+    bool need_b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::masked_linear_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           c10::string_view, c10::string_view, double, bool, bool, bool, bool)>();
+  return op.call(grad_out, input, weight, aux, surrogate, rule, alpha, need_x, need_w, need_m, need_b);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_mask_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                      const at::Tensor& aux, const std::string& surrogate,
+                                                      const std::string& rule, double alpha, bool need_w, bool need_m) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::mask_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, c10::string_view,
+                                                                 c10::string_view, double, bool, bool)>();
+  return op.call(grad, weight, aux, surrogate, rule, alpha, need_w, need_m);
+}
+
+at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& aux, bool check_finite) {
+  if (check_finite) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("autoprune_cpp::apply_mask_checked", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    return op.call(weight, aux);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::apply_mask", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view,
+                                         double)>();
+  return op.call(weight, aux, "softplus", "sign", 0.1);  // T does not depend on the options
+}
+
+void save_options(AutogradContext* ctx, c10::string_view surrogate, c10::string_view rule, double alpha) {
+  ctx->saved_data["surrogate"] = std::string(surrogate);
+  ctx->saved_data["rule"] = std::string(rule);
+  ctx->saved_data["alpha"] = alpha;
+}
+
+// the identity on first-order gradients computed under create_graph, whose own backward refuses
+struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
+  static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList /*inputs*/) {
+    return variable_list(grads.begin(), grads.end());
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "autoprune_ext: the coarse gradient of the mask ops has no derivative (a higher-order "
+                "gradient through them is not defined)");
+  }
+};
+
+struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& aux, const std::optional<at::Tensor>& bias, c10::string_view surrogate,
+                            c10::string_view rule, double alpha, bool check_finite) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor out = call_masked_linear(input, weight, aux, bias, check_finite);
+    ctx->save_for_backward({input, weight, aux});
+    save_options(ctx, surrogate, rule, alpha);
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &aux = saved[2];
+    const c10::IValue bias_dtype = ctx->saved_data["bias_dtype"];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_m = ctx->needs_input_grad(2), need_b = !bias_dtype.isNone() && ctx->needs_input_grad(3);
+    variable_list out(8);
+    if (!(need_x || need_w || need_m || need_b)) return out;
+    at::Tensor dX, dW, dM, db;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(dX, dW, dM, db) = call_masked_linear_backward(
+          grad_outputs[0], input, weight, aux, ctx->saved_data["surrogate"].toStringRef(),
+          ctx->saved_data["rule"].toStringRef(), ctx->saved_data["alpha"].toDouble(), need_x, need_w, need_m, need_b);
+    }
+    if (need_b) db = db.to(bias_dtype.toScalarType());
+    variable_list grads;
+    for (auto [need, g] : {std::pair{need_x, &dX}, {need_w, &dW}, {need_m, &dM}, {need_b, &db}})
+      if (need) grads.push_back(*g);
+    if (at::GradMode::is_enabled())  // create_graph: tie the gradients to the graph, refusing a second pass
+      grads = NoSecondDerivative::apply(at::TensorList(grads), at::TensorList({grad_outputs[0], weight, aux}));
+    size_t k = 0;
+    for (auto [i, need] : {std::pair{0, need_x}, {1, need_w}, {2, need_m}, {3, need_b}})
+      if (need) out[i] = grads[k++];
+    return out;
+  }
+};
+
+struct ApplyMaskFunction : public torch::autograd::Function<ApplyMaskFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& aux,
+                            c10::string_view surrogate, c10::string_view rule, double alpha, bool check_finite) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor out = call_apply_mask(weight, aux, check_finite);
+    ctx->save_for_backward({weight, aux});
+    save_options(ctx, surrogate, rule, alpha);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool need_w = ctx->needs_input_grad(0), need_m = ctx->needs_input_grad(1);
+    variable_list out(6);
+    if (!(need_w || need_m)) return out;
+    at::Tensor dW, dM;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(dW, dM) = call_mask_backward(grad_outputs[0], saved[0], saved[1],
+                                            ctx->saved_data["surrogate"].toStringRef(),
+                                            ctx->saved_data["rule"].toStringRef(),
+                                            ctx->saved_data["alpha"].toDouble(), need_w, need_m);
+    }
+    variable_list grads;
+    if (need_w) grads.push_back(dW);
+    if (need_m) grads.push_back(dM);
+    if (at::GradMode::is_enabled())
+      grads = NoSecondDerivative::apply(at::TensorList(grads), at::TensorList({grad_outputs[0], saved[0], saved[1]}));
+    size_t k = 0;
+    if (need_w) out[0] = grads[k++];
+    if (need_m) out[1] = grads[k++];
+    return out;
+  }
+};
+
+at::Tensor apply_mask_autograd(const at::Tensor& weight, const at::Tensor& aux, c10::string_view surrogate,
+                               c10::string_view rule, double alpha, bool check_finite) {
+  return ApplyMaskFunction::apply(weight, aux, surrogate, rule, alpha, check_finite);
+}
+
+at::Tensor masked_linear_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+                                  const std::optional<at::Tensor>& bias, c10::string_view surrogate,
+                                  c10::string_view rule, double alpha, bool check_finite) {
+  return MaskedLinearFunction::apply(input, weight, aux, bias, surrogate, rule, alpha, check_finite);
+}
+
+}  // namespace
+}  // namespace autoprune
+
+TORCH_LIBRARY_FRAGMENT(autoprune_cpp, m) {
+  m.def("apply_mask_autograd(Tensor weight, Tensor aux, str surrogate, str rule, float alpha, bool check_finite) -> Tensor");
+  m.def(
+      "masked_linear_autograd(Tensor input, Tensor weight, Tensor aux, Tensor? bias, str surrogate, str rule, "
+      "float alpha, bool check_finite) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(autoprune_cpp, CompositeImplicitAutograd, m) {
+  m.impl("masked_linear_autograd", &autoprune::masked_linear_autograd);
+  m.impl("apply_mask_autograd", &autoprune::apply_mask_autograd);
+}
