@@ -221,8 +221,13 @@ def _masked_linear_impl(input, weight, aux, bias, surrogate, rule, alpha, check_
     _check_linear_args(input, weight, bias)
     backend = backends.select(weight.device)
     if check_finite and _checks._finite_checks_enabled():
-        return backend.masked_linear_checked(input, weight, aux, bias)
-    return backend.masked_linear(input, weight, aux, bias)
+        out = backend.masked_linear_checked(input, weight, aux, bias)
+    else:
+        out = backend.masked_linear(input, weight, aux, bias)
+    # F.linear returns a view of its 2-D result for a 3-D+ input; as the output of an autograd.Function
+    # it would refuse in-place ops (nn.ReLU(inplace=True)) that nn.Linear's output and the cpp
+    # backend's native node accept: the same storage as a tensor of its own
+    return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
 
 
 @masked_linear.register_fake

@@ -359,11 +359,11 @@ class AuxAdam(torch.optim.Optimizer):
         if buckets:
             totals, order = [], []  # one finite-iff-finite reduction per gradient
             for (dev, dtype), ks in buckets.items():
-                if dev.type == "cpu" and _build.loaded() and all(
-                        type(grads[k]) in _checks.PLAIN_TENSOR_TYPES for k in ks):
+                scan = _nonfinite_scan() if dev.type == "cpu" else None
+                if scan is not None and all(type(grads[k]) in _checks.PLAIN_TENSOR_TYPES for k in ks):
                     # exact and without temporaries: a small model's few gradients cost one call
                     # instead of a sum each, a stack and a sync
-                    bad += [ks[i] for i in torch.ops.autoprune_cpp.nonfinite_indices([grads[k] for k in ks])]
+                    bad += [ks[i] for i in scan([grads[k] for k in ks])]
                     continue
                 if dev.type == "cpu":
                     # a sum is finite exactly when every entry is finite, barring overflow (confirmed
@@ -544,6 +544,11 @@ class AuxAdam(torch.optim.Optimizer):
     def density(self) -> float:
         """Fraction of kept entries over all auxiliary tensors of this optimiser."""
         return float(ref.density([p for g in self.param_groups for p in g["params"]]))
+
+
+def _nonfinite_scan() -> Any:
+    """``autoprune_cpp::nonfinite_indices`` where the loaded extension has it, else ``None``."""
+    return getattr(torch.ops.autoprune_cpp, "nonfinite_indices", None) if _build.loaded() else None
 
 
 def _sr_seed(seed: int, step: int, group: int, index: int) -> int:

@@ -86,10 +86,24 @@ void save_options(AutogradContext* ctx, c10::string_view surrogate, c10::string_
   ctx->saved_data["alpha"] = alpha;
 }
 
-// the identity on first-order gradients computed under create_graph, whose own backward refuses
+// torch's Python name of a float dtype, as the Python checks print it
+std::string py_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(t.scalar_type());
+  }
+}
+
+// first-order gradients computed under create_graph, returned as fresh tensors that depend on every
+// tensor the layer's backward read (`inputs`), with a backward that refuses
 struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative> {
   static variable_list forward(AutogradContext*, at::TensorList grads, at::TensorList /*inputs*/) {
-    return variable_list(grads.begin(), grads.end());
+    variable_list out;
+    for (const at::Tensor& g : grads) out.push_back(g.clone());  // not views of this node's inputs
+    return out;
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -119,6 +133,10 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
                need_m = ctx->needs_input_grad(2), need_b = !bias_dtype.isNone() && ctx->needs_input_grad(3);
     variable_list out(8);
     if (!(need_x || need_w || need_m || need_b)) return out;
+    // the Python path's check of grad_out (ops._check_linear_backward_args): under autocast the
+    // output, hence grad_out, is of a lower dtype than input; the kernels must not mix them silently
+    TORCH_CHECK_TYPE(grad_outputs[0].scalar_type() == input.scalar_type(), "grad_out: expected dtype ",
+                     py_dtype(input), " (that of input), got ", py_dtype(grad_outputs[0]));
     at::Tensor dX, dW, dM, db;
     {
       at::AutoDispatchBelowADInplaceOrView below;
@@ -131,7 +149,8 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
     for (auto [need, g] : {std::pair{need_x, &dX}, {need_w, &dW}, {need_m, &dM}, {need_b, &db}})
       if (need) grads.push_back(*g);
     if (at::GradMode::is_enabled())  // create_graph: tie the gradients to the graph, refusing a second pass
-      grads = NoSecondDerivative::apply(at::TensorList(grads), at::TensorList({grad_outputs[0], weight, aux}));
+      grads = NoSecondDerivative::apply(at::TensorList(grads),
+                                        at::TensorList({grad_outputs[0], input, weight, aux}));
     size_t k = 0;
     for (auto [i, need] : {std::pair{0, need_x}, {1, need_w}, {2, need_m}, {3, need_b}})
       if (need) out[i] = grads[k++];

@@ -331,3 +331,56 @@ def test_cpp_apply_mask_is_one_native_node(dtype, unit, monkeypatch):
             assert native[3] is None and python[3] is None
         for a, b in zip(native[:3], python[:3]):
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (need_w, need_m)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_second_derivative_refused_through_every_input(backend, fast, monkeypatch):
+    """A higher-order gradient towards the layer's input fails too (never None or partial), and with
+    only the input requiring grad the first-order gradient still carries the refusing node."""
+    monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", fast)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, 3, dtype=torch.float64)
+    (gw,) = torch.autograd.grad(apf.masked_linear(x, w, m).pow(2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gw.pow(2).sum(), x, allow_unused=True)
+    (gx,) = torch.autograd.grad(apf.masked_linear(x, w.detach(), m).pow(2).sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_autocast_grad_out_dtype_is_refused_alike(backend, fast, monkeypatch):
+    """Under CPU autocast a backend whose linear autocasts (reference, cpp) gives a bfloat16 output, so
+    grad_out, while input is float32: every path refuses it in backward with the same TypeError (no
+    silently mixed-precision gradient); a backend that keeps float32 steps normally."""
+    monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", fast)
+    x, w, m, b = (torch.randn(*s, requires_grad=True) for s in ((3, 5), (4, 5), (4, 5), (4,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = apf.masked_linear(x, w, m, b)
+    if y.dtype == torch.float32:
+        y.sum().backward()
+        assert w.grad is not None and m.grad is not None
+        return
+    assert y.dtype == torch.bfloat16 and backend in ("reference", "cpp")
+    with pytest.raises(TypeError, match=r"^grad_out: expected dtype torch.float32 \(that of input\), got "
+                                        r"torch.bfloat16"):
+        y.float().sum().backward()
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_in_place_op_on_a_3d_output(backend, fast, monkeypatch):
+    """nn.ReLU(inplace=True) after a masked linear on a sequence works on every path, as after
+    nn.Linear, with the gradients of the out-of-place version."""
+    monkeypatch.setenv("AUTOPRUNE_EAGER_FAST", fast)
+    base = [torch.randn(*s, dtype=torch.float64) for s in ((2, 3, 5), (4, 5), (4, 5), (4,))]
+    grads = []
+    for inplace in (True, False):
+        leaves = [t.clone().requires_grad_() for t in base]
+        y = apf.masked_linear(*leaves)
+        y = y.relu_() if inplace else y.relu()
+        y.pow(2).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
