@@ -334,21 +334,32 @@ def _status_kib(key: str) -> int | None:
 
 
 _libc: Any = None
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def _glibc() -> Any:
+    """The C library with glibc's malloc controls, or ``None`` (not Linux / not glibc)."""
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
 
 
 def _malloc(trim: bool = True, exact: bool = False) -> None:
     """glibc: ``exact`` maps every block >= 128 KiB separately (freed at once, so RSS follows live
     memory); ``trim`` returns free heap pages to the kernel (reused ones then count as new)."""
-    global _libc
-    try:
-        _libc = _libc or ctypes.CDLL("libc.so.6")
-        if exact:
-            _libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
-            _libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        if trim:
-            _libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is None:
+        return
+    if exact:
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # also stops its dynamic growth
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+    if trim:
+        libc.malloc_trim(0)
 
 
 #: ``--heap`` settings: glibc's default (frees above a dynamic threshold go back to the kernel, so
@@ -364,13 +375,8 @@ def set_heap(heap: str) -> str:
         raise ValueError(f"heap: expected one of {HEAPS}, got {heap!r}")
     if heap == "default":
         return heap
-    global _libc
-    try:
-        _libc = _libc or ctypes.CDLL("libc.so.6")
-        ok = _libc.mallopt(-1, 1 << 30) and _libc.mallopt(-3, 32 << 20)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
+    libc = _glibc()
+    if libc is None or not (libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)):
         raise RuntimeError("heap='steady' needs glibc's mallopt (Linux)")
     return heap
 

@@ -6,7 +6,8 @@
 // _ApplyMaskFn) compute, with the same kernels (masked_linear_checked / masked_linear and
 // masked_linear_backward; apply_mask_checked / apply_mask and mask_backward), without a Python frame
 // in forward or backward: a small layer's step loses most of its fixed cost. The Python layer checks
-// every argument before calling them; this file adds no checks of its own.
+// every argument before calling them; the one check here is of what only backward sees (grad_out's
+// dtype, as the Python path checks it).
 //
 // Under create_graph the first-order gradients come out attached to a node that raises when
 // differentiated again, as the Python path's registered backward op does (the mask ops have no
@@ -18,6 +19,8 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace autoprune {
 namespace {
@@ -113,6 +116,18 @@ struct NoSecondDerivative : public torch::autograd::Function<NoSecondDerivative>
   }
 };
 
+// The gradients of one backward into their input slots of `out` (slot, gradient; unneeded slots
+// stay undefined). Under create_graph they pass through NoSecondDerivative first, depending on
+// `read`: every tensor the backward read.
+variable_list place_grads(variable_list out, const std::vector<std::pair<size_t, at::Tensor>>& needed,
+                          at::TensorList read) {
+  variable_list grads;
+  for (const auto& [slot, g] : needed) grads.push_back(g);
+  if (at::GradMode::is_enabled()) grads = NoSecondDerivative::apply(at::TensorList(grads), read);
+  for (size_t k = 0; k < needed.size(); ++k) out[needed[k].first] = grads[k];
+  return out;
+}
+
 struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& aux, const std::optional<at::Tensor>& bias, c10::string_view surrogate,
@@ -144,17 +159,12 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
           grad_outputs[0], input, weight, aux, ctx->saved_data["surrogate"].toStringRef(),
           ctx->saved_data["rule"].toStringRef(), ctx->saved_data["alpha"].toDouble(), need_x, need_w, need_m, need_b);
     }
-    if (need_b) db = db.to(bias_dtype.toScalarType());
-    variable_list grads;
-    for (auto [need, g] : {std::pair{need_x, &dX}, {need_w, &dW}, {need_m, &dM}, {need_b, &db}})
-      if (need) grads.push_back(*g);
-    if (at::GradMode::is_enabled())  // create_graph: tie the gradients to the graph, refusing a second pass
-      grads = NoSecondDerivative::apply(at::TensorList(grads),
-                                        at::TensorList({grad_outputs[0], input, weight, aux}));
-    size_t k = 0;
-    for (auto [i, need] : {std::pair{0, need_x}, {1, need_w}, {2, need_m}, {3, need_b}})
-      if (need) out[i] = grads[k++];
-    return out;
+    std::vector<std::pair<size_t, at::Tensor>> needed;
+    if (need_x) needed.emplace_back(0, dX);
+    if (need_w) needed.emplace_back(1, dW);
+    if (need_m) needed.emplace_back(2, dM);
+    if (need_b) needed.emplace_back(3, db.to(bias_dtype.toScalarType()));
+    return place_grads(std::move(out), needed, {grad_outputs[0], input, weight, aux});
   }
 };
 
@@ -181,15 +191,10 @@ struct ApplyMaskFunction : public torch::autograd::Function<ApplyMaskFunction> {
                                             ctx->saved_data["rule"].toStringRef(),
                                             ctx->saved_data["alpha"].toDouble(), need_w, need_m);
     }
-    variable_list grads;
-    if (need_w) grads.push_back(dW);
-    if (need_m) grads.push_back(dM);
-    if (at::GradMode::is_enabled())
-      grads = NoSecondDerivative::apply(at::TensorList(grads), at::TensorList({grad_outputs[0], saved[0], saved[1]}));
-    size_t k = 0;
-    if (need_w) out[0] = grads[k++];
-    if (need_m) out[1] = grads[k++];
-    return out;
+    std::vector<std::pair<size_t, at::Tensor>> needed;
+    if (need_w) needed.emplace_back(0, dW);
+    if (need_m) needed.emplace_back(1, dM);
+    return place_grads(std::move(out), needed, {grad_outputs[0], saved[0], saved[1]});
   }
 };
 
