@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -442,28 +443,7 @@ class AuxAdam(torch.optim.Optimizer):
                     continue
                 key = (kind, p.device, hp) if kind == "fused" else (kind, p.device, hp, gi)
                 call = calls.setdefault(key, {"kind": kind, "hp": hp, "entries": []})
-                state = self.state.get(p)
-                fresh = None
-                if not state:
-                    moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    if kind == "sr":
-                        moment_dtype = torch.bfloat16
-                    fresh = state = {
-                        "step": 0,
-                        "exp_avg": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
-                        "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
-                    }
-                step = state.get("step")
-                if isinstance(step, Tensor) and step.numel() == 1:
-                    step = int(step.item())
-                if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-                    raise ValueError(f"step: expected a non-negative int in the state of "
-                                     f"{self._param_name(gi, pi, p)}, got {step!r}")
-                exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
-                if not (isinstance(exp_avg, Tensor) and isinstance(exp_avg_sq, Tensor)):
-                    raise TypeError(f"exp_avg, exp_avg_sq: expected tensors in the state of "
-                                    f"{self._param_name(gi, pi, p)}, got {type(exp_avg).__name__}, "
-                                    f"{type(exp_avg_sq).__name__}")
+                state, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, kind)
                 # DTensor (FSDP2): the step is elementwise, so it runs on the local shards in place
                 call["entries"].append({
                     "gi": gi, "pi": pi, "p": p, "fresh": fresh, "seed_base": group["sr_seed"],
@@ -472,6 +452,113 @@ class AuxAdam(torch.optim.Optimizer):
                     "step": step + 1, "scale": group_scale * float(layer_scale),
                 })
         return list(calls.values())
+
+    def _state_of(self, p: Tensor, gi: int, pi: int, kind: str) -> tuple[dict, dict | None, int, Tensor, Tensor]:
+        """``(state, fresh, step, exp_avg, exp_avg_sq)`` of parameter ``p`` (group ``gi``, position ``pi``),
+        checked; ``fresh`` is a new zero state (not stored yet) when ``p`` has none."""
+        state = self.state.get(p)
+        fresh = None
+        if not state:
+            moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            if kind == "sr":
+                moment_dtype = torch.bfloat16
+            fresh = state = {
+                "step": 0,
+                "exp_avg": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
+                "exp_avg_sq": torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format),
+            }
+        step = state.get("step")
+        if isinstance(step, Tensor) and step.numel() == 1:
+            step = int(step.item())
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step: expected a non-negative int in the state of "
+                             f"{self._param_name(gi, pi, p)}, got {step!r}")
+        exp_avg, exp_avg_sq = state.get("exp_avg"), state.get("exp_avg_sq")
+        if not (isinstance(exp_avg, Tensor) and isinstance(exp_avg_sq, Tensor)):
+            raise TypeError(f"exp_avg, exp_avg_sq: expected tensors in the state of "
+                            f"{self._param_name(gi, pi, p)}, got {type(exp_avg).__name__}, "
+                            f"{type(exp_avg_sq).__name__}")
+        return state, fresh, step, exp_avg, exp_avg_sq
+
+    @contextlib.contextmanager
+    def fused_step(self) -> Iterator[None]:
+        """Take this optimiser's step inside the backward run in the ``with`` block, where it can.
+
+        ``with aux_opt.fused_step(): loss.backward()`` replaces ``loss.backward(); aux_opt.step()``.
+        With the ``cpp`` backend on CPU, each masked linear layer's backward then updates its aux
+        tensor and Adam moments in the same pass that computes the coarse gradient, instead of
+        writing ``dL/dM`` and reading it back in :meth:`step`: no ``.grad`` buffer for the aux, one
+        pass over it instead of two, no separate gradient check. The result is bit for bit that of
+        ``backward()`` then ``step()`` (the weights' optimiser may step before or after).
+
+        What is fused: aux tensors of float32 whose ``.grad`` is ``None`` on entry, in groups with
+        ``memory="standard"``, the softplus surrogate, ``penalty_mode="mean"`` (or no penalty) and no
+        ``inv_abs_weight``, in masked linear layers of weight granularity. Every other aux tensor
+        (convolutions, unit granularity, other backends, ``torch.compile``, ``create_graph``) gets
+        its gradient as usual and is stepped by :meth:`step` when the block exits.
+
+        Rules, each checked:
+
+        * One backward through each fused layer per block: a layer called twice in one forward, a
+          second backward or gradient accumulation raises (the step would be taken twice; usually
+          autograd's own error that a saved tensor was modified in place comes first).
+        * Single process only: the update runs before any all-reduce could average the gradient,
+          so an initialised process group of more than one rank raises on entry.
+        * ``nonfinite="raise"`` only: the step cannot be skipped after it was taken. An entry whose
+          gradient is NaN/inf is never stepped (its aux and moments stay as they were); when the
+          block exits, a ``ValueError`` names the parameter and the count, after the finite entries
+          were stepped. (:meth:`step` instead checks first and writes nothing.)
+        * A fused aux tensor's gradient never exists: its ``.grad`` stays ``None``, and its tensor
+          hooks are called with ``None``.
+        """
+        if self.nonfinite != "raise":
+            raise ValueError(f"fused_step: needs nonfinite='raise' (the step is taken inside backward and "
+                             f"cannot be skipped afterwards), got nonfinite={self.nonfinite!r}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError("fused_step: single process only (the step would run before the gradients are "
+                               "all-reduced); use backward() and step() under DDP / FSDP")
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        arm = getattr(torch.ops.autoprune_cpp, "fused_aux_arm", None) if _build.loaded() else None
+        take = getattr(torch.ops.autoprune_cpp, "fused_aux_take", None) if arm is not None else None
+        armed: list[tuple[int, int, Tensor, dict | None]] = []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                if not _fusable(group):
+                    continue
+                beta1, beta2 = group["betas"]
+                total = sum(p.numel() for p in group["params"])
+                for pi, (p, layer_scale) in enumerate(zip(group["params"], group["layer_scale"])):
+                    if arm is None or p.grad is not None or not _fusable_tensor(p):
+                        continue
+                    state, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "fused")
+                    if not (_fusable_tensor(exp_avg) and _fusable_tensor(exp_avg_sq)):
+                        continue
+                    scale = float(group["penalty"]) / total * float(layer_scale)
+                    arm(p.detach(), exp_avg, exp_avg_sq, step + 1, float(group["lr"]), float(beta1), float(beta2),
+                        float(group["eps"]), scale, float(group["rho"]))
+                    armed.append((gi, pi, p, fresh))
+            yield
+        finally:
+            bad: list[tuple[int, int, Tensor, int]] = []
+            for gi, pi, p, fresh in armed:
+                _, stepped, nonfinite = take(p.detach())
+                if stepped:  # the backward took the step: record it
+                    if fresh is not None:
+                        self.state[p] = fresh
+                    self.state[p]["step"] = self._state_of(p, gi, pi, "fused")[2] + 1
+                if nonfinite:
+                    bad.append((gi, pi, p, nonfinite))
+        if bad and _checks._finite_checks_enabled():
+            gi, pi, p, count = bad[0]
+            raise ValueError(
+                f"grad: expected finite gradients, found NaN or inf in {count} entries of the gradient of "
+                f"{self._param_name(gi, pi, p)} during fused_step; those entries were left unchanged, the finite "
+                "ones were stepped"
+            )
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self.step()  # the aux tensors that were not fused
 
     @staticmethod
     def _args(call: dict[str, Any]) -> tuple:
@@ -544,6 +631,17 @@ class AuxAdam(torch.optim.Optimizer):
     def density(self) -> float:
         """Fraction of kept entries over all auxiliary tensors of this optimiser."""
         return float(ref.density([p for g in self.param_groups for p in g["params"]]))
+
+
+def _fusable(group: dict[str, Any]) -> bool:
+    """Whether :meth:`AuxAdam.fused_step` can take the step of ``group``'s parameters in backward."""
+    return (group["memory"] == "standard" and group["surrogate"] == "softplus" and not group["inv_abs_weight"]
+            and (group["penalty_mode"] == "mean" or float(group["penalty"]) == 0.0))
+
+
+def _fusable_tensor(t: Tensor) -> bool:
+    return (type(t) in _checks.PLAIN_TENSOR_TYPES and t.device.type == "cpu"
+            and t.dtype == torch.float32 and t.is_contiguous() and t.numel() > 0)
 
 
 def _nonfinite_scan() -> Any:

@@ -12,15 +12,24 @@
 // Under create_graph the first-order gradients come out attached to a node that raises when
 // differentiated again, as the Python path's registered backward op does (the mask ops have no
 // second derivative): never a silently partial higher-order gradient.
+//
+// AuxAdam.fused_step arms aux tensors (fused_aux_arm: the Adam moments and the step's scalars, keyed
+// by the aux's data pointer). The masked linear node's backward then takes an armed aux's Adam step
+// in its coarse-gradient pass (masked_linear_backward_adam_) instead of returning dM: no dM buffer,
+// no second pass over aux. fused_aux_take tells the optimiser what happened.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "ops_common.h"
 
 namespace autoprune {
 namespace {
@@ -67,6 +76,20 @@ std::tuple<at::Tensor, at::Tensor> call_mask_backward(const at::Tensor& grad, co
                                                                  const at::Tensor&, c10::string_view,
                                                                  c10::string_view, double, bool, bool)>();
   return op.call(grad, weight, aux, surrogate, rule, alpha, need_w, need_m);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> call_masked_linear_backward_adam(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const std::string& rule, bool need_x, bool need_w,
+    bool need_b, int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale, double rho) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("autoprune_cpp::masked_linear_backward_adam_", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool, bool, int64_t, double,
+                           double, double, double, double, double)>();
+  return op.call(grad_out, input, weight, aux, exp_avg, exp_avg_sq, rule, need_x, need_w, need_b, step, lr, beta1,
+                 beta2, eps, penalty_scale, rho);
 }
 
 at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& aux, bool check_finite) {
@@ -128,6 +151,94 @@ variable_list place_grads(variable_list out, const std::vector<std::pair<size_t,
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// armed aux tensors (AuxAdam.fused_step)
+// ------------------------------------------------------------------------------------------------
+struct ArmedAux {
+  at::Tensor aux, exp_avg, exp_avg_sq;
+  int64_t step;
+  double lr, beta1, beta2, eps, penalty_scale, rho;
+  bool busy = false;     // a backward is taking the step now
+  bool stepped = false;  // a backward took the step
+  int64_t nonfinite = 0;
+};
+
+std::mutex& armed_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+std::unordered_map<const void*, ArmedAux>& armed_table() {
+  static auto* table = new std::unordered_map<const void*, ArmedAux>();  // never destroyed: no exit-order issue
+  return *table;
+}
+
+// the same memory seen through any alias (the optimiser arms p.detach(); the node sees the parameter)
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_alias_of(b) && a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
+}
+
+void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, int64_t step,
+                   double lr, double beta1, double beta2, double eps, double penalty_scale, double rho) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
+                                {exp_avg_sq, "exp_avg_sq"}}) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() > 0, name, ": expected a contiguous non-empty tensor");
+    TORCH_CHECK_VALUE(t.sizes() == aux.sizes(), name, ": expected the shape of aux ", aux.sizes(), ", got ",
+                      t.sizes());
+  }
+  check_adam_scalars(step, lr, beta1, beta2, eps);
+  std::lock_guard<std::mutex> lock(armed_mutex());
+  const bool inserted =
+      armed_table()
+          .try_emplace(aux.const_data_ptr(), ArmedAux{aux, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+                                                      penalty_scale, rho})
+          .second;
+  TORCH_CHECK_VALUE(inserted, "aux: already armed by a fused_step in progress (one optimiser's fused_step per "
+                              "aux tensor at a time)");
+}
+
+// [armed, stepped, entries left unchanged for a NaN/inf dM]; disarms
+std::vector<int64_t> fused_aux_take(const at::Tensor& aux) {
+  std::lock_guard<std::mutex> lock(armed_mutex());
+  auto it = armed_table().find(aux.numel() > 0 ? aux.const_data_ptr() : nullptr);
+  if (it == armed_table().end() || !same_tensor(it->second.aux, aux)) return {0, 0, 0};
+  TORCH_CHECK(!it->second.busy, "fused_aux_take: a backward is stepping this aux tensor now");
+  std::vector<int64_t> out{1, it->second.stepped ? 1 : 0, it->second.nonfinite};
+  armed_table().erase(it);
+  return out;
+}
+
+int64_t fused_aux_armed() {
+  std::lock_guard<std::mutex> lock(armed_mutex());
+  return static_cast<int64_t>(armed_table().size());
+}
+
+// The armed step of `aux` (a copy of its entry, marked busy), or nullopt when aux is not armed.
+std::optional<ArmedAux> claim_armed(const at::Tensor& aux) {
+  std::lock_guard<std::mutex> lock(armed_mutex());
+  if (armed_table().empty() || aux.numel() == 0) return std::nullopt;
+  auto it = armed_table().find(aux.const_data_ptr());
+  if (it == armed_table().end() || !same_tensor(it->second.aux, aux)) return std::nullopt;
+  TORCH_CHECK_VALUE(!it->second.stepped && !it->second.busy,
+                    "aux: its Adam step was already taken in this fused_step; fused_step allows one backward "
+                    "through each masked layer (no layer used twice in one forward, no second backward, no "
+                    "gradient accumulation)");
+  it->second.busy = true;
+  return it->second;
+}
+
+void release_armed(const at::Tensor& aux, bool stepped, int64_t nonfinite) {
+  std::lock_guard<std::mutex> lock(armed_mutex());
+  auto it = armed_table().find(aux.const_data_ptr());
+  if (it == armed_table().end()) return;
+  it->second.busy = false;
+  it->second.stepped = it->second.stepped || stepped;
+  it->second.nonfinite += nonfinite;
+}
+
 struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& aux, const std::optional<at::Tensor>& bias, c10::string_view surrogate,
@@ -153,16 +264,38 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
     TORCH_CHECK_TYPE(grad_outputs[0].scalar_type() == input.scalar_type(), "grad_out: expected dtype ",
                      py_dtype(input), " (that of input), got ", py_dtype(grad_outputs[0]));
     at::Tensor dX, dW, dM, db;
-    {
+    const std::string& surrogate = ctx->saved_data["surrogate"].toStringRef();
+    const std::string& rule = ctx->saved_data["rule"].toStringRef();
+    // an aux armed by AuxAdam.fused_step takes its step here instead of getting dM (not under
+    // create_graph, and only where the fused kernel applies; elsewhere it gets dM as usual)
+    const at::ScalarType wt = weight.scalar_type();
+    std::optional<ArmedAux> armed;
+    if (need_m && !at::GradMode::is_enabled() && surrogate == "softplus" && weight.dim() == 2 &&
+        aux.sizes() == weight.sizes() && (wt == at::kFloat || wt == at::kBFloat16) && input.scalar_type() == wt)
+      armed = claim_armed(aux);
+    if (armed) {
+      int64_t nonfinite = 0;
+      try {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::tie(dX, dW, db, nonfinite) = call_masked_linear_backward_adam(
+            grad_outputs[0], input, weight, aux, armed->exp_avg, armed->exp_avg_sq, rule, need_x, need_w, need_b,
+            armed->step, armed->lr, armed->beta1, armed->beta2, armed->eps, armed->penalty_scale, armed->rho);
+      } catch (...) {
+        release_armed(aux, false, 0);  // its checks failed before it wrote anything
+        throw;
+      }
+      for (const at::Tensor& t : {aux, armed->exp_avg, armed->exp_avg_sq}) t.unsafeGetTensorImpl()->bump_version();
+      release_armed(aux, true, nonfinite);
+    } else {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dX, dW, dM, db) = call_masked_linear_backward(
-          grad_outputs[0], input, weight, aux, ctx->saved_data["surrogate"].toStringRef(),
-          ctx->saved_data["rule"].toStringRef(), ctx->saved_data["alpha"].toDouble(), need_x, need_w, need_m, need_b);
+      std::tie(dX, dW, dM, db) = call_masked_linear_backward(grad_outputs[0], input, weight, aux, surrogate, rule,
+                                                             ctx->saved_data["alpha"].toDouble(), need_x, need_w,
+                                                             need_m, need_b);
     }
     std::vector<std::pair<size_t, at::Tensor>> needed;
     if (need_x) needed.emplace_back(0, dX);
     if (need_w) needed.emplace_back(1, dW);
-    if (need_m) needed.emplace_back(2, dM);
+    if (need_m && !armed) needed.emplace_back(2, dM);
     if (need_b) needed.emplace_back(3, db.to(bias_dtype.toScalarType()));
     return place_grads(std::move(out), needed, {grad_outputs[0], input, weight, aux});
   }
@@ -213,6 +346,10 @@ at::Tensor masked_linear_autograd(const at::Tensor& input, const at::Tensor& wei
 }  // namespace autoprune
 
 TORCH_LIBRARY_FRAGMENT(autoprune_cpp, m) {
+  m.def("fused_aux_arm(Tensor aux, Tensor exp_avg, Tensor exp_avg_sq, int step, float lr, float beta1, float beta2, "
+        "float eps, float penalty_scale, float rho) -> ()", &autoprune::fused_aux_arm);
+  m.def("fused_aux_take(Tensor aux) -> int[]", &autoprune::fused_aux_take);
+  m.def("fused_aux_armed() -> int", &autoprune::fused_aux_armed);
   m.def("apply_mask_autograd(Tensor weight, Tensor aux, str surrogate, str rule, float alpha, bool check_finite) -> Tensor");
   m.def(
       "masked_linear_autograd(Tensor input, Tensor weight, Tensor aux, Tensor? bias, str surrogate, str rule, "

@@ -448,6 +448,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
   return {dX, dW, dM, db};
 }
 
+// masked_linear_backward with the aux tensor's Adam step fused in (AuxAdam.fused_step): dX, dW
+// and db as masked_linear_backward_cpu (weight granularity, softplus surrogate); instead of dM,
+// aux, exp_avg and exp_avg_sq take the aux_adam_step_ of dM (no inv_abs_weight), bit for bit what
+// the two ops give. Entries whose dM is NaN/inf keep aux and moments; returns how many there were.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_adam_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
+    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, c10::string_view rule, bool need_input_grad,
+    bool need_weight_grad, bool need_bias_grad, int64_t step, double lr, double beta1, double beta2, double eps,
+    double penalty_scale, double rho) {
+  const MaskCall c = check_mask_call(nullptr, weight, aux, "softplus", rule, 0.1, c10::DeviceType::CPU);
+  TORCH_CHECK_VALUE(!c.unit && weight.dim() == 2,
+                    "aux: expected weight granularity (the shape of a 2-D weight), got weight ", weight.sizes(),
+                    " and aux ", aux.sizes());
+  const at::ScalarType wt = weight.scalar_type();
+  TORCH_CHECK_TYPE(wt == at::kFloat || wt == at::kBFloat16, "weight: expected float32 or bfloat16, got ", wt);
+  TORCH_CHECK_TYPE(input.scalar_type() == wt && grad_out.scalar_type() == wt,
+                   "input, grad_out: expected the dtype of weight (", wt, "), got ", input.scalar_type(), " and ",
+                   grad_out.scalar_type());
+  check_device(input, "input", c10::DeviceType::CPU);
+  check_device(grad_out, "grad_out", c10::DeviceType::CPU);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
+                                {exp_avg_sq, "exp_avg_sq"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place)");
+  }
+  checked_adam_set(aux, exp_avg, exp_avg_sq, std::nullopt, std::nullopt, step, lr, beta1, beta2, eps, "");
+  const at::Tensor w = weight.contiguous();
+  // the kernel reads W and rewrites aux and the moments entry by entry: they must be four buffers
+  const std::pair<const at::Tensor*, const char*> bufs[] = {{&aux, "aux"}, {&exp_avg, "exp_avg"},
+                                                            {&exp_avg_sq, "exp_avg_sq"}, {&w, "weight"}};
+  for (size_t i = 0; i < 4; ++i)
+    for (size_t j = i + 1; j < 4; ++j) {
+      const at::Tensor &x = *bufs[i].first, &y = *bufs[j].first;
+      if (x.numel() == 0 || y.numel() == 0) continue;
+      const auto* x0 = static_cast<const char*>(x.const_data_ptr());
+      const auto* y0 = static_cast<const char*>(y.const_data_ptr());
+      TORCH_CHECK_VALUE(!(x0 < y0 + y.nbytes() && y0 < x0 + x.nbytes()), bufs[i].second, ", ", bufs[j].second,
+                        ": expected tensors that share no memory");
+    }
+  const int64_t in_features = weight.size(1), out_features = weight.size(0);
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_features, "input: expected last dimension ",
+                    in_features, " (weight's in_features), got shape ", input.sizes());
+  const int64_t tokens = in_features == 0 ? 0 : input.numel() / in_features;
+  TORCH_CHECK_VALUE(grad_out.numel() == tokens * out_features, "grad_out: expected ", tokens, " x ", out_features,
+                    " entries, got shape ", grad_out.sizes());
+  const at::Tensor g2 = grad_out.reshape({tokens, out_features});
+  at::Tensor dT = g2.t().mm(input.reshape({tokens, in_features}));  // fresh and contiguous
+  at::Tensor T = need_input_grad ? new_output(weight) : at::Tensor();
+  cpu::BackwardArgs args = backward_args(dT, w, true, aux, need_weight_grad ? dT.mutable_data_ptr() : nullptr,
+                                         nullptr, c, 0.1);
+  args.T = need_input_grad ? T.mutable_data_ptr() : nullptr;
+  cpu::AdamArgs o{};
+  o.aux = aux.mutable_data_ptr();
+  o.aux_dt = AP_F32;
+  o.exp_avg = exp_avg.mutable_data_ptr();
+  o.exp_avg_dt = AP_F32;
+  o.exp_avg_sq = exp_avg_sq.mutable_data_ptr();
+  o.exp_avg_sq_dt = AP_F32;
+  o.numel = aux.numel();
+  o.penalty_scale = penalty_scale;
+  o.rho = rho;
+  o.beta1 = beta1;
+  o.beta2 = beta2;
+  o.eps = eps;
+  adam_bias(step, lr, beta1, beta2, &o.step_size, &o.bias2_sqrt);
+  o.surrogate = c.surrogate;
+  o.alpha = 0.1;
+  int64_t nonfinite = 0;
+  const auto& k = kernel_table();
+  at::parallel_for(0, args.numel, kGrainSoftplus,
+                   [&](int64_t b, int64_t e) { k.backward_weight_adam(args, o, b, e, &nonfinite); });
+  at::Tensor dX = need_input_grad ? g2.mm(T).reshape(input.sizes()) : empty0(input);
+  at::Tensor dW = need_weight_grad ? dT : empty0(weight);
+  const std::vector<int64_t> dim0{0};
+  at::Tensor db = need_bias_grad ? g2.sum(dim0) : empty0(grad_out);
+  return {dX, dW, db, nonfinite};
+}
+
 // ------------------------------------------------------------------------------------------------
 // nonfinite_indices: which tensors hold a NaN or inf (AuxAdam's test of the gradients on CPU)
 // ------------------------------------------------------------------------------------------------
@@ -551,6 +629,11 @@ TORCH_LIBRARY(autoprune_cpp, m) {
       "aux_adam_step_multi_(Tensor(a0!)[] aux, Tensor(a1!)[] exp_avg, Tensor(a2!)[] exp_avg_sq, Tensor?[] grads, "
       "Tensor?[] weights, SymInt[] steps, float[] penalty_scales, float lr, float beta1, float beta2, float eps, "
       "float rho, str surrogate, float alpha) -> ()");
+  m.def(
+      "masked_linear_backward_adam_(Tensor grad_out, Tensor input, Tensor weight, Tensor(a0!) aux, "
+      "Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, str rule, bool need_input_grad, bool need_weight_grad, "
+      "bool need_bias_grad, int step, float lr, float beta1, float beta2, float eps, float penalty_scale, "
+      "float rho) -> (Tensor, Tensor, Tensor, int)");
   m.def("nm_scores(Tensor aux, int n, int m) -> Tensor");
   m.def("nonfinite_indices(Tensor[] tensors) -> int[]");
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);
@@ -564,6 +647,7 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
   m.impl("apply_mask_checked", &autoprune::apply_mask_checked_cpu);
   m.impl("masked_linear_checked", &autoprune::masked_linear_checked_cpu);
   m.impl("masked_linear_backward", &autoprune::masked_linear_backward_cpu);
+  m.impl("masked_linear_backward_adam_", &autoprune::masked_linear_backward_adam_cpu);
   m.impl("nm_scores", &autoprune::nm_scores_cpu);
   m.impl("mask_backward", &autoprune::mask_backward_cpu);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);

@@ -92,6 +92,11 @@ struct KernelTable {
   void (*backward_unit)(const BackwardArgs&, int64_t begin, int64_t end);        // tasks
   void (*backward_unit_finish)(const BackwardArgs&, int64_t begin, int64_t end);  // rows
   void (*adam)(const AdamArgs&, int64_t begin, int64_t end);                     // elements
+  // weight granularity, float32 aux and moments, softplus: backward_weight's dW / T, and in place of
+  // dM the adam step of aux on dM (AdamArgs: aux, moments and scalars; no grad, no weight). Entries
+  // whose dM is NaN/inf keep aux and moments; their number is added to *nonfinite.
+  void (*backward_weight_adam)(const BackwardArgs&, const AdamArgs&, int64_t begin, int64_t end,
+                               int64_t* nonfinite);  // elements
   // s(m) into out (float32 values), for tests of the vectorised math
   void (*surrogate_f32)(const float* m, float* out, int64_t n, int surrogate, double alpha);
 };

@@ -456,16 +456,17 @@ static void backward_weight_impl(const BackwardArgs& a, int64_t begin, int64_t e
   }
 }
 
-// The common case -- grad and weight of one dtype (U: the bits of float32 or bfloat16), float32 aux,
-// softplus, both gradients -- as one loop with the formulas above, bit for bit: no stack buffers.
-// kInPlace: dW is written over grad (each index is read before it is written).
+// The common cases -- grad and weight of one dtype (U: the bits of float32 or bfloat16), float32 aux;
+// softplus when dM is wanted -- as one loop with the formulas above, bit for bit: no stack buffers.
+// kDW / kDM / kT: which of dW, dM, T the call writes (the trainer's weight steps want dW and T, its
+// mask steps dM and T). kInPlace: dW is written over grad (each index is read before it is written).
 AP_INLINE float bits_to_f32(uint32_t u) { return u2f(u); }
 AP_INLINE float bits_to_f32(uint16_t h) { return bf16_to_f32(h); }
 AP_INLINE void f32_to_bits(float f, uint32_t* out) { *out = f2u(f); }
 AP_INLINE void f32_to_bits(float f, uint16_t* out) { *out = f32_to_bf16(f); }
 
-template <typename U, bool kSign, bool kT, bool kInPlace>
-__attribute__((noinline)) static void backward_weight_softplus(const BackwardArgs& a, int64_t begin, int64_t end) {
+template <typename U, bool kSign, bool kT, bool kDW, bool kDM, bool kInPlace>
+__attribute__((noinline)) static void backward_weight_fast(const BackwardArgs& a, int64_t begin, int64_t end) {
   U* g = static_cast<U*>(const_cast<void*>(a.grad));  // written only when kInPlace (then a.dW == a.grad)
   U* dw = static_cast<U*>(a.dW);
   const U* w = static_cast<const U*>(a.weight);
@@ -474,37 +475,47 @@ __attribute__((noinline)) static void backward_weight_softplus(const BackwardArg
   U* t = static_cast<U*>(a.T);
   for (int64_t i = begin; i < end; ++i) {
     const float gi = bits_to_f32(g[i]);
-    const U wb = w[i];
-    const float wi = bits_to_f32(wb);
     const float x = m[i];
-    const float c = kSign ? (wi > 0.0f ? 1.0f : 0.0f) - (wi < 0.0f ? 1.0f : 0.0f) : wi;
-    dm[i] = (gi * c) * softplus_f(x);
-    if (kT) t[i] = x >= 0.0f ? wb : U(0);
-    f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? g + i : dw + i);
+    if (kDM) {
+      const float wi = bits_to_f32(w[i]);
+      const float c = kSign ? (wi > 0.0f ? 1.0f : 0.0f) - (wi < 0.0f ? 1.0f : 0.0f) : wi;
+      dm[i] = (gi * c) * softplus_f(x);
+    }
+    if (kT) t[i] = x >= 0.0f ? w[i] : U(0);
+    if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? g + i : dw + i);
   }
 }
 
-template <typename U, bool kSign>
-static void backward_weight_softplus_for(const BackwardArgs& a, int64_t begin, int64_t end) {
-  const bool in_place = a.dW == a.grad;
+template <typename U, bool kSign, bool kDW, bool kDM>
+static void backward_weight_fast_for(const BackwardArgs& a, int64_t begin, int64_t end) {
+  const bool in_place = kDW && a.dW == a.grad;
   if (a.T)
-    return in_place ? backward_weight_softplus<U, kSign, true, true>(a, begin, end)
-                    : backward_weight_softplus<U, kSign, true, false>(a, begin, end);
-  return in_place ? backward_weight_softplus<U, kSign, false, true>(a, begin, end)
-                  : backward_weight_softplus<U, kSign, false, false>(a, begin, end);
+    return in_place ? backward_weight_fast<U, kSign, true, kDW, kDM, true>(a, begin, end)
+                    : backward_weight_fast<U, kSign, true, kDW, kDM, false>(a, begin, end);
+  return in_place ? backward_weight_fast<U, kSign, false, kDW, kDM, true>(a, begin, end)
+                  : backward_weight_fast<U, kSign, false, kDW, kDM, false>(a, begin, end);
+}
+
+template <typename U>
+static void backward_weight_fast_dispatch(const BackwardArgs& a, int64_t begin, int64_t end) {
+  const bool sign = a.rule == AP_RULE_SIGN;
+  if (!a.dM) return backward_weight_fast_for<U, true, true, false>(a, begin, end);  // the rule is unused
+  if (!a.dW)
+    return sign ? backward_weight_fast_for<U, true, false, true>(a, begin, end)
+                : backward_weight_fast_for<U, false, false, true>(a, begin, end);
+  return sign ? backward_weight_fast_for<U, true, true, true>(a, begin, end)
+              : backward_weight_fast_for<U, false, true, true>(a, begin, end);
 }
 
 static void backward_weight(const BackwardArgs& a, int64_t begin, int64_t end) {
   if (a.f64) return backward_weight_impl<double>(a, begin, end);
-  const bool common = a.surrogate == AP_SOFTPLUS && a.dM && a.dW && a.aux_dt == AP_F32 &&
-                      a.grad_dt == a.weight_dt && (a.weight_dt == AP_F32 || a.weight_dt == AP_BF16);
+  // without dM the surrogate is unused; T (when written) needs W's bits, dM needs W
+  const bool common = (a.dM || a.dW) && (!a.dM || a.surrogate == AP_SOFTPLUS) && a.aux_dt == AP_F32 &&
+                      a.grad_dt == a.weight_dt && (a.weight_dt == AP_F32 || a.weight_dt == AP_BF16) &&
+                      (a.weight || (!a.dM && !a.T));
   if (!common) return backward_weight_impl<float>(a, begin, end);
-  const bool sign = a.rule == AP_RULE_SIGN;
-  if (a.weight_dt == AP_F32)
-    return sign ? backward_weight_softplus_for<uint32_t, true>(a, begin, end)
-                : backward_weight_softplus_for<uint32_t, false>(a, begin, end);
-  return sign ? backward_weight_softplus_for<uint16_t, true>(a, begin, end)
-              : backward_weight_softplus_for<uint16_t, false>(a, begin, end);
+  if (a.weight_dt == AP_F32) return backward_weight_fast_dispatch<uint32_t>(a, begin, end);
+  return backward_weight_fast_dispatch<uint16_t>(a, begin, end);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -600,11 +611,33 @@ struct AdamScalars {
         step_size(static_cast<CT>(a.step_size)), bias2_sqrt(static_cast<CT>(a.bias2_sqrt)), eps(static_cast<CT>(a.eps)) {}
 };
 
+// a * b + c, written out: one rounding where the instruction set has FMA, else two. The Adam formulas
+// use it wherever a product meets a sum, so every kernel that inlines them rounds alike whatever
+// the compiler would contract on its own (the fused backward + step must equal the two kernels bit
+// for bit, and the loop around decides which products GCC's -ffp-contract=fast fuses).
+#if defined(AP_HAS_FMA) || defined(__aarch64__)
+AP_INLINE float fma_ct(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+AP_INLINE double fma_ct(double a, double b, double c) { return __builtin_fma(a, b, c); }
+#else
+AP_INLINE float fma_ct(float a, float b, float c) { return a * b + c; }  // no FMA: nothing to contract
+AP_INLINE double fma_ct(double a, double b, double c) { return a * b + c; }
+#endif
+
+// the penalty gradient scale * (s(m) - rho * s(-m)), and that plus the task gradient
+template <typename CT>
+AP_INLINE CT penalty_of(const AdamScalars<CT>& c, CT sp, CT sn) {
+  return c.scale * fma_ct(-c.rho, sn, sp);
+}
+template <typename CT>
+AP_INLINE CT penalty_plus(const AdamScalars<CT>& c, CT sp, CT sn, CT grad) {
+  return fma_ct(c.scale, fma_ct(-c.rho, sn, sp), grad);
+}
+
 // one entry's moments and update from its total gradient g
 template <typename CT>
 AP_INLINE void adam_one(const AdamScalars<CT>& c, CT m, CT e1, CT e2, CT g, CT* m_out, CT* e1_out, CT* e2_out) {
-  const CT m1 = e1 * c.beta1 + c.omb1 * g;
-  const CT m2 = e2 * c.beta2 + c.omb2 * g * g;
+  const CT m1 = fma_ct(c.omb1, g, e1 * c.beta1);
+  const CT m2 = fma_ct(c.omb2 * g, g, e2 * c.beta2);
   *e1_out = m1;
   *e2_out = m2;
   *m_out = m - c.step_size * m1 / (sqrt_ct(m2) / c.bias2_sqrt + c.eps);
@@ -624,7 +657,7 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
     const CT* e2 = load_block<CT>(a.exp_avg_sq, a.exp_avg_sq_dt, off, n, e2buf);
     surrogate_pair_block(m, sp, sn, n, a.surrogate, alpha);
     CT* g = sp;  // the gradient overwrites s(m)
-    for (int64_t i = 0; i < n; ++i) g[i] = c.scale * (sp[i] - c.rho * sn[i]);
+    for (int64_t i = 0; i < n; ++i) g[i] = penalty_of(c, sp[i], sn[i]);
     if (a.weight) {
       const CT* w = load_block<CT>(a.weight, a.weight_dt, off, n, wbuf);
       for (int64_t i = 0; i < n; ++i) {
@@ -658,8 +691,8 @@ __attribute__((noinline)) static void adam_f32_softplus(const AdamArgs& a, int64
   for (int64_t i = begin; i < end; ++i) {
     float sp, sn;
     softplus_pair(m[i], &sp, &sn);
-    const float pen = c.scale * (sp - c.rho * sn);
-    adam_one<float>(c, m[i], e1[i], e2[i], kGrad ? pen + gr[i] : pen, m + i, e1 + i, e2 + i);
+    const float g = kGrad ? penalty_plus(c, sp, sn, gr[i]) : penalty_of(c, sp, sn);
+    adam_one<float>(c, m[i], e1[i], e2[i], g, m + i, e1 + i, e2 + i);
   }
 }
 
@@ -677,13 +710,92 @@ static void adam(const AdamArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// backward_weight_fast with the Adam step of aux fused in (AuxAdam.fused_step): the dM of an entry
+// goes straight into adam_f32_softplus's formulas, bit for bit the two-kernel result, and aux and the
+// moments are written in place of dM. One softplus serves dM and the penalty gradient. Per block of
+// kBlock entries, two loops: T and dW (which may overwrite grad), then dM and the step (which
+// overwrites aux) from a float copy of grad -- one loop over all seven streams does not vectorise.
+template <typename U, bool kSign, bool kT, bool kDW, bool kInPlace>
+__attribute__((noinline)) static void backward_weight_adam_fast(const BackwardArgs& a, const AdamArgs& o,
+                                                                int64_t begin, int64_t end, int64_t* nonfinite) {
+  // distinct buffers (the op checked that aux, the moments and W share no memory; grad, dW and T
+  // are its own fresh tensors; dw is not touched when kInPlace)
+  U* __restrict__ g = static_cast<U*>(const_cast<void*>(a.grad));  // written only when kInPlace
+  U* __restrict__ dw = static_cast<U*>(a.dW);
+  const U* __restrict__ w = static_cast<const U*>(a.weight);
+  U* __restrict__ t = static_cast<U*>(a.T);
+  float* __restrict__ m = static_cast<float*>(o.aux);
+  float* __restrict__ e1 = static_cast<float*>(o.exp_avg);
+  float* __restrict__ e2 = static_cast<float*>(o.exp_avg_sq);
+  const AdamScalars<float> c(o);
+  float gbuf[kBlock];
+  uint32_t bad = 0;  // 32-bit, as the float lanes: an int64 count keeps the loop from vectorising
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = imin(kBlock, end - off);
+    U* __restrict__ gb = g + off;
+    const U* __restrict__ wb = w + off;
+    float* __restrict__ mb = m + off;
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = bits_to_f32(gb[i]);
+      const float x = mb[i];
+      gbuf[i] = gi;
+      if (kT) t[off + i] = x >= 0.0f ? wb[i] : U(0);
+      if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? gb + i : dw + off + i);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = gbuf[i];
+      const float wi = bits_to_f32(wb[i]);
+      const float x = mb[i];
+      const float cw = kSign ? (wi > 0.0f ? 1.0f : 0.0f) - (wi < 0.0f ? 1.0f : 0.0f) : wi;
+      float sp, sn;
+      softplus_pair(x, &sp, &sn);
+      const float d = (gi * cw) * sp;  // dM, as backward_weight_fast writes it
+      const float v1 = e1[off + i], v2 = e2[off + i];
+      float nm, n1, n2;
+      adam_one<float>(c, x, v1, v2, penalty_plus(c, sp, sn, d), &nm, &n1, &n2);
+      const bool ok = (d < 0.0f ? -d : d) <= __FLT_MAX__;  // false for NaN and inf
+      mb[i] = ok ? nm : x;  // selects, stored unconditionally: masked stores do not vectorise here
+      e1[off + i] = ok ? n1 : v1;
+      e2[off + i] = ok ? n2 : v2;
+      bad += ok ? 0u : 1u;
+    }
+  }
+  if (bad) __atomic_fetch_add(nonfinite, static_cast<int64_t>(bad), __ATOMIC_RELAXED);
+}
+
+template <typename U, bool kSign>
+static void backward_weight_adam_for(const BackwardArgs& a, const AdamArgs& o, int64_t begin, int64_t end,
+                                     int64_t* nonfinite) {
+  const bool dW = a.dW != nullptr, in_place = dW && a.dW == a.grad;
+  if (a.T) {
+    if (!dW) return backward_weight_adam_fast<U, kSign, true, false, false>(a, o, begin, end, nonfinite);
+    return in_place ? backward_weight_adam_fast<U, kSign, true, true, true>(a, o, begin, end, nonfinite)
+                    : backward_weight_adam_fast<U, kSign, true, true, false>(a, o, begin, end, nonfinite);
+  }
+  if (!dW) return backward_weight_adam_fast<U, kSign, false, false, false>(a, o, begin, end, nonfinite);
+  return in_place ? backward_weight_adam_fast<U, kSign, false, true, true>(a, o, begin, end, nonfinite)
+                  : backward_weight_adam_fast<U, kSign, false, true, false>(a, o, begin, end, nonfinite);
+}
+
+// the op layer checked: float32 or bfloat16 grad and weight of one dtype, float32 aux and moments
+static void backward_weight_adam(const BackwardArgs& a, const AdamArgs& o, int64_t begin, int64_t end,
+                                 int64_t* nonfinite) {
+  const bool sign = a.rule == AP_RULE_SIGN;
+  if (a.weight_dt == AP_F32)
+    return sign ? backward_weight_adam_for<uint32_t, true>(a, o, begin, end, nonfinite)
+                : backward_weight_adam_for<uint32_t, false>(a, o, begin, end, nonfinite);
+  return sign ? backward_weight_adam_for<uint16_t, true>(a, o, begin, end, nonfinite)
+              : backward_weight_adam_for<uint16_t, false>(a, o, begin, end, nonfinite);
+}
+
 static void surrogate_f32(const float* m, float* out, int64_t n, int kind, double alpha) {
   for (int64_t off = 0; off < n; off += kBlock)
     surrogate_block<float>(m + off, out + off, imin(kBlock, n - off), kind, alpha_ct<float>(alpha));
 }
 
 static const KernelTable kTable = {
-    AP_ISA_NAME, &apply_mask, &backward_weight, &backward_unit, &backward_unit_finish, &adam, &surrogate_f32,
+    AP_ISA_NAME, &apply_mask, &backward_weight, &backward_unit, &backward_unit_finish, &adam, &backward_weight_adam,
+    &surrogate_f32,
 };
 
 #undef AP_INLINE

@@ -12,6 +12,7 @@
 #endif
 #define AP_ISA_NS isa_avx512
 #define AP_ISA_NAME "avx512"
+#define AP_HAS_FMA 1  // the target above has FMA (target pragmas do not define __FMA__)
 #include "kernels_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
