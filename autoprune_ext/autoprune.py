@@ -187,6 +187,11 @@ class AutoPrune:
             (the output's ``.loss``, else cross-entropy of the logits against ``batch[1]`` / ``batch["labels"]``).
         callbacks: called as ``callback(trainer, record)`` after every step; ``record`` holds the
             step's losses, density and lambdas (and evaluation results on evaluation steps).
+        fused_aux_step: take each mask step's Adam update inside its backward
+            (:meth:`AuxAdam.fused_step`): the same training bit for bit, with less memory traffic and
+            no mask gradients in memory, on the ``cpp`` backend's CPU path (elsewhere it changes
+            nothing). Single process and ``aux_nonfinite="raise"`` only (checked here); a NaN/inf mask
+            gradient still raises, after the finite entries were stepped.
 
     Parameters the user froze (``requires_grad=False`` when the trainer is built) stay frozen: they
     are left out of both optimisers and never switched on.
@@ -201,6 +206,7 @@ class AutoPrune:
         forward_fn: ForwardFn = default_forward,
         loss_fn: BatchLossFn = default_loss,
         callbacks: Sequence[Callback] = (),
+        fused_aux_step: bool = False,
         **overrides: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -249,6 +255,16 @@ class AutoPrune:
         self.weight_optimizer = weight_optimizer or make_optimizer(
             cfg.weight_optimizer, self.weight_params, cfg.lr_weight, cfg.weight_decay
         )
+        if fused_aux_step:
+            if cfg.aux_nonfinite != "raise":
+                raise ValueError("fused_aux_step: needs aux_nonfinite='raise' (a step taken inside backward cannot "
+                                 f"be skipped afterwards), got {cfg.aux_nonfinite!r}")
+            if _is_ddp(model) or self._sharded() or (torch.distributed.is_available()
+                                                     and torch.distributed.is_initialized()
+                                                     and torch.distributed.get_world_size() > 1):
+                raise ValueError("fused_aux_step: single process only (the mask gradients must be averaged over the "
+                                 "ranks before the step)")
+        self.fused_aux_step = bool(fused_aux_step)
         self.forward_fn, self.loss_fn = forward_fn, loss_fn
         self.callbacks = list(callbacks)
         self.step_count = 0
@@ -305,8 +321,12 @@ class AutoPrune:
         """One mask step on ``batch`` with ``W`` frozen (no ``dW`` is computed); returns the loss."""
         self._train_mode(train_aux=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(batch, self.aux_params)
-        self.aux_optimizer.step()
+        if self.fused_aux_step:
+            with self.aux_optimizer.fused_step():
+                loss = self._forward_backward(batch, self.aux_params)
+        else:
+            loss = self._forward_backward(batch, self.aux_params)
+            self.aux_optimizer.step()
         self._after_aux_step()
         return loss
 

@@ -200,3 +200,31 @@ def test_nonfinite_mask_step_raise_or_skip(data):
             assert not all(torch.equal(a, b) for a, b in zip(before, trainer.aux_params))
     with pytest.raises(ValueError, match="aux_nonfinite: expected one of"):
         AutoPruneConfig(aux_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("mode", ["bilevel", "same_batch"])
+def test_fused_aux_step_trains_bit_for_bit_alike(data, mode):
+    """fused_aux_step=True (the mask steps' update inside backward, cpp backend) changes nothing."""
+    from autoprune_ext import backends
+    from test_cpp_backend import ext  # noqa: F401  (builds the extension or skips)
+
+    train, held, _ = data
+    cfg = AutoPruneConfig(penalty=1.0, lr_aux=0.05, batch_size=40, mode=mode, seed=3, target_density=0.5)
+    base = ap.convert(tiny_model(), init=(0.5, 0.01))
+    runs, kept_grads = [], {}
+
+    def spy(trainer, record):  # after each step: did the mask step leave gradients behind?
+        kept_grads.setdefault(trainer.fused_aux_step, []).append(any(p.grad is not None for p in trainer.aux_params))
+
+    for fused in (False, True):
+        trainer = AutoPrune(copy.deepcopy(base), cfg, fused_aux_step=fused, callbacks=[spy])
+        with backends.use("cpp"):
+            trainer.fit(train, held, 12, progress=False)
+        runs.append(trainer)
+    plain, fused = runs
+    for (k, a), b in zip(plain.model.state_dict().items(), fused.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [r["lambda"] for r in plain.history] == [r["lambda"] for r in fused.history]
+    assert all(kept_grads[False]) and not any(kept_grads[True])  # the fused mask steps made no gradients
+    with pytest.raises(ValueError, match="fused_aux_step: needs aux_nonfinite='raise'"):
+        AutoPrune(copy.deepcopy(base), cfg, fused_aux_step=True, aux_nonfinite="skip")
