@@ -491,23 +491,29 @@ class AuxAdam(torch.optim.Optimizer):
         pass over it instead of two, no separate gradient check. The result is bit for bit that of
         ``backward()`` then ``step()`` (the weights' optimiser may step before or after).
 
-        What is fused: aux tensors of float32 whose ``.grad`` is ``None`` on entry, in groups with
-        ``memory="standard"``, the softplus surrogate, ``penalty_mode="mean"`` (or no penalty) and no
-        ``inv_abs_weight``, in masked linear layers of weight granularity. Every other aux tensor
-        (convolutions, unit granularity, other backends, ``torch.compile``, ``create_graph``) gets
-        its gradient as usual and is stepped by :meth:`step` when the block exits.
+        What is fused: contiguous float32 aux tensors whose ``.grad`` is ``None`` on entry, in groups
+        with ``memory="standard"``, the softplus surrogate, ``penalty_mode="mean"`` (or no penalty)
+        and no ``inv_abs_weight``, in masked linear layers of weight granularity with float32 or
+        bfloat16 weights and inputs of the weight's dtype, whose gradient the backward keeps and gets
+        from that layer alone. Every other aux tensor gets its gradient as usual and is stepped by
+        :meth:`step` when the block exits: convolutions, unit granularity, other backends,
+        ``torch.compile``, ``create_graph``, ``torch.autograd.grad`` and ``backward(inputs=...)``
+        without the aux, an aux shared by two layers or also used directly by the loss.
 
-        Rules, each checked:
+        Rules:
 
+        * The group values (``lr``, ``betas``, ``eps``, ``penalty``, ``rho``, ``layer_scale``) are
+          read when the block is entered; changes made inside it apply from the next step.
         * One backward through each fused layer per block: a layer called twice in one forward, a
           second backward or gradient accumulation raises (the step would be taken twice; usually
           autograd's own error that a saved tensor was modified in place comes first).
         * Single process only: the update runs before any all-reduce could average the gradient,
           so an initialised process group of more than one rank raises on entry.
         * ``nonfinite="raise"`` only: the step cannot be skipped after it was taken. An entry whose
-          gradient is NaN/inf is never stepped (its aux and moments stay as they were); when the
-          block exits, a ``ValueError`` names the parameter and the count, after the finite entries
-          were stepped. (:meth:`step` instead checks first and writes nothing.)
+          gradient is NaN/inf is never stepped (its aux and moments stay as they were, also with
+          ``AUTOPRUNE_CHECK_FINITE=0``); when the block exits, the aux tensors that were not fused
+          are stepped and then a ``ValueError`` names the parameter and the count. (:meth:`step`
+          instead checks first and writes nothing.)
         * A fused aux tensor's gradient never exists: its ``.grad`` stays ``None``, and its tensor
           hooks are called with ``None``.
         """
@@ -522,34 +528,57 @@ class AuxAdam(torch.optim.Optimizer):
             self._check_group(group, gi)
         arm = getattr(torch.ops.autoprune_cpp, "fused_aux_arm", None) if _build.loaded() else None
         take = getattr(torch.ops.autoprune_cpp, "fused_aux_take", None) if arm is not None else None
-        armed: list[tuple[int, int, Tensor, dict | None]] = []
+        armed: list[tuple[int, int, Tensor, Tensor, dict | None]] = []  # group, position, param, armed alias, fresh
         try:
             for gi, group in enumerate(self.param_groups):
-                if not _fusable(group):
+                if arm is None or not _fusable(group):
                     continue
                 beta1, beta2 = group["betas"]
                 total = sum(p.numel() for p in group["params"])
                 for pi, (p, layer_scale) in enumerate(zip(group["params"], group["layer_scale"])):
-                    if arm is None or p.grad is not None or not _fusable_tensor(p):
+                    if p.grad is not None or not _fusable_tensor(p):
                         continue
-                    state, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "fused")
+                    _, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "fused")
                     if not (_fusable_tensor(exp_avg) and _fusable_tensor(exp_avg_sq)):
                         continue
-                    scale = float(group["penalty"]) / total * float(layer_scale)
-                    arm(p.detach(), exp_avg, exp_avg_sq, step + 1, float(group["lr"]), float(beta1), float(beta2),
+                    scale = float(group["penalty"]) / total * float(layer_scale)  # as _scales, _plan
+                    alias = p.detach()  # kept: take() finds the entry even if p.data is replaced meanwhile
+                    arm(alias, exp_avg, exp_avg_sq, step + 1, float(group["lr"]), float(beta1), float(beta2),
                         float(group["eps"]), scale, float(group["rho"]))
-                    armed.append((gi, pi, p, fresh))
+                    armed.append((gi, pi, p, alias, fresh))
             yield
         finally:
             bad: list[tuple[int, int, Tensor, int]] = []
-            for gi, pi, p, fresh in armed:
-                _, stepped, nonfinite = take(p.detach())
-                if stepped:  # the backward took the step: record it
+            stepped_params: list[tuple[int, int, Tensor]] = []
+            failure: BaseException | None = None
+            for gi, pi, p, alias, fresh in armed:
+                try:
+                    _, stepped, nonfinite = take(alias)
+                except BaseException as exc:  # keep disarming the others
+                    failure = failure or exc
+                    continue
+                if stepped:  # the backward took the step: record it as step() does
                     if fresh is not None:
                         self.state[p] = fresh
-                    self.state[p]["step"] = self._state_of(p, gi, pi, "fused")[2] + 1
+                    self.state[p]["step"] += 1
+                    stepped_params.append((gi, pi, p))
                 if nonfinite:
                     bad.append((gi, pi, p, nonfinite))
+            if failure is not None:
+                raise failure
+        twice = [(gi, pi, p) for gi, pi, p in stepped_params if p.grad is not None]
+        if twice:  # a gradient set after the step (by hand): step() would step the tensor again
+            gi, pi, p = twice[0]
+            raise RuntimeError(f"fused_step: {self._param_name(gi, pi, p)} was stepped in backward and then got a "
+                               ".grad; it is not stepped again (set no aux gradient inside the block)")
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            try:
+                self.step()  # the aux tensors that were not fused
+            except ValueError as exc:
+                if stepped_params:
+                    raise ValueError(f"{exc} -- among the aux tensors not fused; the "
+                                     f"{len(stepped_params)} fused ones were stepped in backward") from None
+                raise
         if bad and _checks._finite_checks_enabled():
             gi, pi, p, count = bad[0]
             raise ValueError(
@@ -557,8 +586,6 @@ class AuxAdam(torch.optim.Optimizer):
                 f"{self._param_name(gi, pi, p)} during fused_step; those entries were left unchanged, the finite "
                 "ones were stepped"
             )
-        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
-            self.step()  # the aux tensors that were not fused
 
     @staticmethod
     def _args(call: dict[str, Any]) -> tuple:

@@ -19,11 +19,16 @@
 // no second pass over aux. fused_aux_take tells the optimiser what happened.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -158,8 +163,9 @@ struct ArmedAux {
   at::Tensor aux, exp_avg, exp_avg_sq;
   int64_t step;
   double lr, beta1, beta2, eps, penalty_scale, rho;
-  bool busy = false;     // a backward is taking the step now
-  bool stepped = false;  // a backward took the step
+  std::thread::id thread;  // the arming thread: a backward on another thread does not take the step
+  bool busy = false;       // a backward is taking the step now
+  bool stepped = false;    // a backward took the step
   int64_t nonfinite = 0;
 };
 
@@ -190,23 +196,26 @@ void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::T
                       t.sizes());
   }
   check_adam_scalars(step, lr, beta1, beta2, eps);
+  TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
+                    "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
   std::lock_guard<std::mutex> lock(armed_mutex());
   const bool inserted =
       armed_table()
           .try_emplace(aux.const_data_ptr(), ArmedAux{aux, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
-                                                      penalty_scale, rho})
+                                                      penalty_scale, rho, std::this_thread::get_id()})
           .second;
   TORCH_CHECK_VALUE(inserted, "aux: already armed by a fused_step in progress (one optimiser's fused_step per "
                               "aux tensor at a time)");
 }
 
-// [armed, stepped, entries left unchanged for a NaN/inf dM]; disarms
+// [armed, stepped, entries left unchanged for a NaN/inf dM]; disarms (`aux`: the tensor given to
+// fused_aux_arm, so that a parameter whose .data was replaced since is still found)
 std::vector<int64_t> fused_aux_take(const at::Tensor& aux) {
   std::lock_guard<std::mutex> lock(armed_mutex());
   auto it = armed_table().find(aux.numel() > 0 ? aux.const_data_ptr() : nullptr);
   if (it == armed_table().end() || !same_tensor(it->second.aux, aux)) return {0, 0, 0};
-  TORCH_CHECK(!it->second.busy, "fused_aux_take: a backward is stepping this aux tensor now");
-  std::vector<int64_t> out{1, it->second.stepped ? 1 : 0, it->second.nonfinite};
+  // a backward still stepping it (on another thread) records its step after this: count it as taken
+  std::vector<int64_t> out{1, it->second.stepped || it->second.busy ? 1 : 0, it->second.nonfinite};
   armed_table().erase(it);
   return out;
 }
@@ -216,10 +225,54 @@ int64_t fused_aux_armed() {
   return static_cast<int64_t>(armed_table().size());
 }
 
-// The armed step of `aux` (a copy of its entry, marked busy), or nullopt when aux is not armed.
+// Whether the running backward accumulates aux's gradient from one node alone and keeps it: the
+// engine runs aux's AccumulateGrad (not torch.autograd.grad's capture, not a backward(inputs=...)
+// without aux), and no other node of the graph feeds it (a loss that uses weight_aux directly, one
+// aux in two layers). Otherwise the step, taken on this node's dM alone, would not be step()'s.
+bool sole_kept_gradient(const at::Tensor& aux) {
+  const auto acc = torch::autograd::impl::try_get_grad_accumulator(aux);
+  if (!acc) return false;
+  const auto* exec = torch::autograd::get_current_graph_task_exec_info();
+  const auto* nodes = torch::autograd::get_current_graph_task_nodes_in_graph();
+  if (exec == nullptr || nodes == nullptr) return false;  // not in an engine's backward
+  if (!exec->empty()) {
+    const auto it = exec->find(acc.get());
+    if (it == exec->end() || !it->second.needed_ || it->second.captures_) return false;
+  }
+  // edges into aux's accumulator, counted once per backward (graph task) for all armed tensors
+  thread_local int counted_task = -1;
+  thread_local std::unordered_map<const torch::autograd::Node*, int> feeds;
+  const int task = torch::autograd::get_current_graph_task_id();
+  if (task != counted_task) {
+    feeds.clear();
+    for (const torch::autograd::Node* n : *nodes)
+      for (const torch::autograd::Edge& e : n->next_edges())
+        if (e.function) ++feeds[e.function.get()];
+    counted_task = task;
+  }
+  const auto f = feeds.find(acc.get());
+  int total = f == feeds.end() ? 0 : f->second;
+  // the backward's root node is not in nodes_in_graph: when it is this node, its edge is not counted
+  const auto self = torch::autograd::get_current_node();
+  if (!self) return false;
+  if (nodes->count(self.get()) == 0)
+    for (const torch::autograd::Edge& e : self->next_edges()) total += e.function.get() == acc.get() ? 1 : 0;
+  return total == 1;
+}
+
+// The armed step of `aux` (a copy of its entry, marked busy), or nullopt when aux is not armed (or
+// armed by another thread, or its gradient also comes from elsewhere: then it gets dM as usual).
 std::optional<ArmedAux> claim_armed(const at::Tensor& aux) {
+  {
+    std::lock_guard<std::mutex> lock(armed_mutex());
+    if (armed_table().empty() || aux.numel() == 0) return std::nullopt;
+    auto it = armed_table().find(aux.const_data_ptr());
+    if (it == armed_table().end() || !same_tensor(it->second.aux, aux) ||
+        it->second.thread != std::this_thread::get_id())
+      return std::nullopt;
+  }
+  if (aux.grad().defined() || !sole_kept_gradient(aux)) return std::nullopt;
   std::lock_guard<std::mutex> lock(armed_mutex());
-  if (armed_table().empty() || aux.numel() == 0) return std::nullopt;
   auto it = armed_table().find(aux.const_data_ptr());
   if (it == armed_table().end() || !same_tensor(it->second.aux, aux)) return std::nullopt;
   TORCH_CHECK_VALUE(!it->second.stepped && !it->second.busy,
@@ -281,7 +334,7 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
             grad_outputs[0], input, weight, aux, armed->exp_avg, armed->exp_avg_sq, rule, need_x, need_w, need_b,
             armed->step, armed->lr, armed->beta1, armed->beta2, armed->eps, armed->penalty_scale, armed->rho);
       } catch (...) {
-        release_armed(aux, false, 0);  // its checks failed before it wrote anything
+        release_armed(aux, false, 0);  // its checks (or allocations) failed before it wrote anything
         throw;
       }
       for (const at::Tensor& t : {aux, armed->exp_avg, armed->exp_avg_sq}) t.unsafeGetTensorImpl()->bump_version();

@@ -15,6 +15,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -474,12 +476,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
     TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place)");
   }
   checked_adam_set(aux, exp_avg, exp_avg_sq, std::nullopt, std::nullopt, step, lr, beta1, beta2, eps, "");
+  TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
+                    "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
   const at::Tensor w = weight.contiguous();
-  // the kernel reads W and rewrites aux and the moments entry by entry: they must be four buffers
-  const std::pair<const at::Tensor*, const char*> bufs[] = {{&aux, "aux"}, {&exp_avg, "exp_avg"},
-                                                            {&exp_avg_sq, "exp_avg_sq"}, {&w, "weight"}};
-  for (size_t i = 0; i < 4; ++i)
-    for (size_t j = i + 1; j < 4; ++j) {
+  // the kernel reads W and rewrites aux and the moments entry by entry, and grad_out is read after it
+  // wrote (dX, db): aux and the moments may share memory with none of the others
+  const std::pair<const at::Tensor*, const char*> bufs[] = {
+      {&aux, "aux"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&w, "weight"}, {&grad_out, "grad_out"}};
+  for (size_t i = 0; i < 3; ++i)
+    for (size_t j = i + 1; j < 5; ++j) {
       const at::Tensor &x = *bufs[i].first, &y = *bufs[j].first;
       if (x.numel() == 0 || y.numel() == 0) continue;
       const auto* x0 = static_cast<const char*>(x.const_data_ptr());
@@ -496,6 +501,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
   const at::Tensor g2 = grad_out.reshape({tokens, out_features});
   at::Tensor dT = g2.t().mm(input.reshape({tokens, in_features}));  // fresh and contiguous
   at::Tensor T = need_input_grad ? new_output(weight) : at::Tensor();
+  // every output allocated before the kernel writes aux: what can fail fails before the step
+  at::Tensor dX = need_input_grad ? at::empty({tokens, in_features}, input.options()) : empty0(input);
+  at::Tensor db = need_bias_grad ? at::empty({out_features}, grad_out.options()) : empty0(grad_out);
   cpu::BackwardArgs args = backward_args(dT, w, true, aux, need_weight_grad ? dT.mutable_data_ptr() : nullptr,
                                          nullptr, c, 0.1);
   args.T = need_input_grad ? T.mutable_data_ptr() : nullptr;
@@ -519,11 +527,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
   const auto& k = kernel_table();
   at::parallel_for(0, args.numel, kGrainSoftplus,
                    [&](int64_t b, int64_t e) { k.backward_weight_adam(args, o, b, e, &nonfinite); });
-  at::Tensor dX = need_input_grad ? g2.mm(T).reshape(input.sizes()) : empty0(input);
+  if (need_input_grad) at::mm_out(dX, g2, T);
+  if (need_bias_grad) at::sum_out(db, g2, std::vector<int64_t>{0});
   at::Tensor dW = need_weight_grad ? dT : empty0(weight);
-  const std::vector<int64_t> dim0{0};
-  at::Tensor db = need_bias_grad ? g2.sum(dim0) : empty0(grad_out);
-  return {dX, dW, db, nonfinite};
+  return {need_input_grad ? dX.view(input.sizes()) : dX, dW, db, nonfinite};
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -273,10 +273,50 @@ def test_fused_step_refuses_a_second_step_in_one_block():
                 loss.backward(retain_graph=True)
                 loss.backward()
         assert int(opt.state[m.weight_aux]["step"]) == 1  # the first backward's step is recorded
-        # a layer used twice in one forward: its first backward node steps aux, the second must not
-        with pytest.raises((ValueError, RuntimeError), match="already taken|modified by an inplace operation"):
-            with opt.fused_step():
-                m(m(x)).sum().backward()
+
+
+@pytest.mark.parametrize("case", ["twice", "loss_uses_aux", "shared_aux", "autograd_grad", "inputs_without_aux"])
+def test_fused_step_does_not_fuse_a_gradient_with_other_sources(case):
+    """Where aux's gradient also comes from elsewhere (or is not kept), the layer's dM alone is not the
+    step's gradient: such aux tensors get their gradient as usual and the same step as step() gives."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ap.convert(base)
+    x = torch.randn(3, 8, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        if case == "shared_aux":
+            model[1].weight_aux = model[0].weight_aux
+        opt = AuxAdam([model[0].weight_aux], lr=1e-2, penalty=0.1)
+        a = model[0].weight_aux
+
+        def run_backward():
+            if case == "twice":
+                model[0](model[0](x)).sum().backward()
+            elif case == "loss_uses_aux":
+                (model(x).sum() + 0.01 * a.square().sum()).backward()
+            elif case == "autograd_grad":
+                (ga,) = torch.autograd.grad(model(x).sum(), [a])
+                a.grad = ga
+            elif case == "inputs_without_aux":
+                model(x).sum().backward(inputs=[x])
+            else:
+                model(x).sum().backward()
+
+        with backends.use("cpp"):
+            if fused:
+                with opt.fused_step():
+                    run_backward()
+                    if case != "inputs_without_aux":
+                        assert a.grad is not None  # not fused
+            else:
+                run_backward()
+                if a.grad is not None:
+                    opt.step()
+        results.append((a.detach().clone(), int(opt.state[a]["step"]) if a in opt.state else 0))
+    assert same_bits(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    assert results[1][1] == (0 if case == "inputs_without_aux" else 1)
 
 
 def test_fused_step_exception_in_the_block_disarms(ext):  # noqa: F811
@@ -306,3 +346,30 @@ def test_fused_step_refusals(monkeypatch):
     with pytest.raises(RuntimeError, match="fused_step: single process only"):
         with opt.fused_step():
             pass
+
+
+def test_fused_step_registry_survives_a_replaced_parameter_and_a_late_grad(ext):  # noqa: F811
+    m = ap.convert(nn.Linear(8, 4))
+    opt = AuxAdam.from_model(m, lr=1e-2)
+    with opt.fused_step():
+        m.weight_aux.data = m.weight_aux.data.clone()  # the armed alias still finds its entry
+    assert ext.fused_aux_armed() == 0
+    with backends.use("cpp"), pytest.raises(RuntimeError, match="was stepped in backward and then got a .grad"):
+        with opt.fused_step():
+            m(torch.randn(2, 8)).sum().backward()
+            m.weight_aux.grad = torch.zeros_like(m.weight_aux)
+    assert int(opt.state[m.weight_aux]["step"]) == 1  # stepped once, not twice
+
+
+def test_fused_step_nonfinite_steps_the_unfused_first_and_says_so():
+    """A NaN that reaches a fused layer and a convolution: step() refuses the convolution's step and
+    the message says the fused layers were stepped."""
+    torch.manual_seed(0)
+    model = ap.convert(Net())
+    opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1)
+    x = torch.randn(2, 2, 4, 4)
+    x[0, 0, 0, 0] = float("nan")
+    with backends.use("cpp"), pytest.raises(ValueError, match="the 2 fused ones were stepped in backward"):
+        with opt.fused_step():
+            model(x).sum().backward()
+    assert model.conv.weight_aux not in opt.state and int(opt.state[model.fc1.weight_aux]["step"]) == 1

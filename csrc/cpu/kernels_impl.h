@@ -615,11 +615,11 @@ struct AdamScalars {
 // use it wherever a product meets a sum, so every kernel that inlines them rounds alike whatever
 // the compiler would contract on its own (the fused backward + step must equal the two kernels bit
 // for bit, and the loop around decides which products GCC's -ffp-contract=fast fuses).
-#if defined(AP_HAS_FMA) || defined(__aarch64__)
+#if defined(AP_HAS_FMA) || defined(__FP_FAST_FMAF)  // __FP_FAST_FMAF: the compiler's own target has FMA
 AP_INLINE float fma_ct(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 AP_INLINE double fma_ct(double a, double b, double c) { return __builtin_fma(a, b, c); }
 #else
-AP_INLINE float fma_ct(float a, float b, float c) { return a * b + c; }  // no FMA: nothing to contract
+AP_INLINE float fma_ct(float a, float b, float c) { return a * b + c; }  // no FMA: nothing contracts
 AP_INLINE double fma_ct(double a, double b, double c) { return a * b + c; }
 #endif
 
