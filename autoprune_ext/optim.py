@@ -684,30 +684,83 @@ def _sr_seed(seed: int, step: int, group: int, index: int) -> int:
 def stochastic_round_bf16(x: Tensor, generator: torch.Generator) -> Tensor:
     """``x`` (float32) rounded to bfloat16 stochastically: up with probability equal to the fraction of
     the gap to the next bfloat16 value, so ``E[round(x)] = x``. NaN and inf pass through."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return _round_bf16_with(x, noise)
+
+
+def _round_bf16_with(x: Tensor, noise: Tensor) -> Tensor:
+    """``x`` rounded to bfloat16 with the 16-bit ``noise`` (int32, ``x``'s shape) added to its low bits."""
     bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
     # sign-magnitude: adding to the low 16 bits of the magnitude then truncating rounds |x| up with
     # probability (low bits) / 2^16, for either sign
-    rounded = ((bits + noise) & -65536).view(torch.float32)
+    rounded = ((bits + noise.reshape(bits.shape)) & -65536).view(torch.float32)
     rounded = torch.where(torch.isfinite(x), rounded, x.float())
     return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: int) -> int:
+    """A 32-bit integer hash (a multiply-xorshift; the C++ kernels' ``lowbias32``)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _sr_keys(seed: int) -> list[int]:
+    """The 32-bit noise keys of one tensor's step (``seed`` from :func:`_sr_seed`) for its three writes:
+    exp_avg, exp_avg_sq, aux."""
+    base = _lowbias32(_lowbias32(seed & _M32) ^ _lowbias32((seed >> 32) & _M32))
+    return [_lowbias32(base ^ ((0x9E3779B9 * (s + 1)) & _M32)) for s in range(3)]
+
+
+def _sr_noise(shape: torch.Size, key: int, device: torch.device) -> Tensor:
+    """16 bits of noise per entry: ``lowbias32(k ^ key) >> 16`` for the entry's flat index ``k`` (mod
+    2^32), computed in int64 without overflow (each product is under 2^63). A function of the key and
+    the index only, so the fused C++ step (``autoprune_cpp::aux_adam_step_sr_``) draws the same noise."""
+    x = (torch.arange(math.prod(shape), dtype=torch.int64, device=device) & _M32) ^ key
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    x ^= x >> 15
+    return (x >> 16).to(torch.int32).reshape(shape)
 
 
 def _sr_adam_step_(aux: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor | None, weight: Tensor | None,
                    step: int, lr: float, beta1: float, beta2: float, eps: float, penalty_scale: float, rho: float,
                    surrogate: str, alpha: float, *, seed: int) -> None:
     """The reference Adam step of ``aux`` (:func:`autoprune_ext.reference.aux_adam_step_`) computed in
-    float32, with aux and moments written back with stochastic rounding."""
+    float32, with aux and moments written back with stochastic rounding (keyed noise, :func:`_sr_noise`).
+
+    On CPU with the C++ extension, one fused pass (``autoprune_cpp::aux_adam_step_sr_``) does the same
+    with the same noise; its float32 arithmetic (the kernels' softplus, fused multiply-adds) may differ
+    from these PyTorch ops in the last bit, so a result may land on the other bfloat16 neighbour where
+    the noise falls between the two (tested: within one bfloat16 step, nearly all entries equal).
+    """
+    keys = _sr_keys(seed)
+    fused = _sr_kernel() if aux.device.type == "cpu" else None
+    if fused is not None and all(type(t) in _checks.PLAIN_TENSOR_TYPES for t in (aux, exp_avg, exp_avg_sq)):
+        fused(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate,
+              alpha, keys)
+        return
     g = ref.penalty_grad(aux, penalty_scale, rho, surrogate, alpha, weight).float()
     if grad is not None:
         g = g + grad.float()
     m1 = exp_avg.float().mul(beta1).add_(g, alpha=1 - beta1)
     m2 = exp_avg_sq.float().mul(beta2).addcmul_(g, g, value=1 - beta2)
     new = aux.float() - (lr / (1 - beta1**step)) * m1 / (m2.sqrt() / math.sqrt(1 - beta2**step) + eps)
-    gen = torch.Generator(device=aux.device).manual_seed(seed)
-    exp_avg.copy_(stochastic_round_bf16(m1, gen))
-    exp_avg_sq.copy_(stochastic_round_bf16(m2, gen).clamp_min(0))
-    aux.copy_(stochastic_round_bf16(new, gen))
+    exp_avg.copy_(_round_bf16_with(m1, _sr_noise(m1.shape, keys[0], m1.device)))
+    exp_avg_sq.copy_(_round_bf16_with(m2, _sr_noise(m2.shape, keys[1], m2.device)).clamp_min(0))
+    aux.copy_(_round_bf16_with(new, _sr_noise(new.shape, keys[2], new.device)))
+
+
+def _sr_kernel() -> Any:
+    """``autoprune_cpp::aux_adam_step_sr_`` where the loaded extension has it, else ``None``."""
+    return getattr(torch.ops.autoprune_cpp, "aux_adam_step_sr_", None) if _build.loaded() else None
 
 
 def _global_sum(values: list[Tensor], like: list[Tensor]) -> Tensor:

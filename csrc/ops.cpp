@@ -284,6 +284,35 @@ void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const a
   finish(t.set);
 }
 
+// aux_adam_step_ for memory="bf16_sr" (optim._sr_adam_step_): bfloat16 aux and moments, the step
+// computed in float32 and every write stochastically rounded with the keyed noise of `keys`
+// (exp_avg, exp_avg_sq, aux), so that a resumed run repeats it exactly
+void aux_adam_step_sr_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                          const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
+                          int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale,
+                          double rho, c10::string_view surrogate, double alpha, at::IntArrayRef keys) {
+  const int sur = surrogate_code(surrogate);
+  check_alpha(alpha);
+  check_device(aux, "aux", c10::DeviceType::CPU);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
+                                {exp_avg_sq, "exp_avg_sq"}})
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name, ": expected bfloat16 (memory='bf16_sr'), got ",
+                     t.scalar_type());
+  TORCH_CHECK_TYPE(!is_f64(grad) && !is_f64(weight), "grad, weight: expected no float64 tensors with bf16_sr");
+  TORCH_CHECK_VALUE(keys.size() == 3, "keys: expected 3 noise keys (exp_avg, exp_avg_sq, aux), got ", keys.size());
+  for (const int64_t key : keys)
+    TORCH_CHECK_VALUE(key >= 0 && key <= 0xffffffffLL, "keys: expected 32-bit unsigned values, got ", key);
+  AdamTensors t = prepare_adam(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale,
+                               rho, sur, alpha, "");
+  t.args.sr = true;
+  for (int s = 0; s < 3; ++s) t.args.sr_keys[s] = static_cast<uint32_t>(keys[s]);
+  if (t.args.numel > 0) {
+    const auto& k = kernel_table();
+    at::parallel_for(0, t.args.numel, kGrainSoftplus, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
+  }
+  finish(t.set);
+}
+
 void aux_adam_step_multi_cpu(at::TensorList aux, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                              const c10::List<std::optional<at::Tensor>>& grads,
                              const c10::List<std::optional<at::Tensor>>& weights, c10::SymIntArrayRef steps,
@@ -641,6 +670,10 @@ TORCH_LIBRARY(autoprune_cpp, m) {
       "Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, str rule, bool need_input_grad, bool need_weight_grad, "
       "bool need_bias_grad, int step, float lr, float beta1, float beta2, float eps, float penalty_scale, "
       "float rho) -> (Tensor, Tensor, Tensor, int)");
+  m.def(
+      "aux_adam_step_sr_(Tensor(a0!) aux, Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, Tensor? grad, Tensor? weight, "
+      "int step, float lr, float beta1, float beta2, float eps, float penalty_scale, float rho, str surrogate, "
+      "float alpha, int[] keys) -> ()");
   m.def("nm_scores(Tensor aux, int n, int m) -> Tensor");
   m.def("nonfinite_indices(Tensor[] tensors) -> int[]");
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);
@@ -659,6 +692,7 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, CPU, m) {
   m.impl("mask_backward", &autoprune::mask_backward_cpu);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_cpu);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_cpu);
+  m.impl("aux_adam_step_sr_", &autoprune::aux_adam_step_sr_cpu);
   m.impl("nonfinite_indices", &autoprune::nonfinite_indices_cpu);
 }
 

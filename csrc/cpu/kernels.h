@@ -83,6 +83,10 @@ struct AdamArgs {
   int surrogate;
   double alpha;
   bool f64;
+  // memory="bf16_sr": bfloat16 aux and moments written with stochastic rounding, the noise of entry k
+  // of stream s (0 exp_avg, 1 exp_avg_sq, 2 aux) being lowbias32(k ^ sr_keys[s]) >> 16 (optim._sr_noise)
+  bool sr = false;
+  uint32_t sr_keys[3] = {0, 0, 0};
 };
 
 struct KernelTable {

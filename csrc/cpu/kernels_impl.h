@@ -601,6 +601,31 @@ static void backward_unit_finish(const BackwardArgs& a, int64_t begin, int64_t e
 //   m1 = exp_avg * beta1 + (1 - beta1) * g;   m2 = exp_avg_sq * beta2 + (1 - beta2) * g * g
 //   m  = m - (lr / bias1) * m1 / (sqrt(m2) / sqrt(bias2) + eps)
 // ------------------------------------------------------------------------------------------------
+// memory="bf16_sr": optim.stochastic_round_bf16 with the keyed noise of optim._sr_noise. Adding 16
+// random low bits to the float32 pattern and truncating rounds |v| up with probability (low bits) /
+// 2^16, for either sign, so the rounding is exact on average; NaN and inf convert as usual.
+AP_INLINE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+AP_INLINE void store_block_sr(const float* buf, void* dst, int64_t off, int64_t n, uint32_t key, bool clamp0) {
+  uint16_t* out = static_cast<uint16_t*>(dst) + off;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = f2u(buf[i]);
+    const uint32_t noise = lowbias32(static_cast<uint32_t>(off + i) ^ key) >> 16;
+    const bool finite = (bits & 0x7f800000u) != 0x7f800000u;
+    uint16_t r = finite ? static_cast<uint16_t>((bits + noise) >> 16) : f32_to_bf16(buf[i]);
+    // clamp_min(0) (exp_avg_sq): a negative non-NaN value becomes +0
+    if (clamp0 && (r & 0x8000u) && (r & 0x7fffu) <= 0x7f80u) r = 0;
+    out[i] = r;
+  }
+}
+
 // the step's scalars in the compute precision
 template <typename CT>
 struct AdamScalars {
@@ -672,6 +697,14 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
     }
     // results go to stack buffers first (the outputs alias the inputs: in place), then out
     for (int64_t i = 0; i < n; ++i) adam_one<CT>(c, m[i], e1[i], e2[i], g[i], oabuf + i, o1buf + i, o2buf + i);
+    if constexpr (sizeof(CT) == sizeof(float)) {
+      if (a.sr) {  // the op checked: bfloat16 aux and moments
+        store_block_sr(o1buf, a.exp_avg, off, n, a.sr_keys[0], false);
+        store_block_sr(o2buf, a.exp_avg_sq, off, n, a.sr_keys[1], true);
+        store_block_sr(oabuf, a.aux, off, n, a.sr_keys[2], false);
+        continue;
+      }
+    }
     store_block<CT>(o1buf, a.exp_avg, a.exp_avg_dt, off, n);
     store_block<CT>(o2buf, a.exp_avg_sq, a.exp_avg_sq_dt, off, n);
     store_block<CT>(oabuf, a.aux, a.aux_dt, off, n);
@@ -699,6 +732,8 @@ __attribute__((noinline)) static void adam_f32_softplus(const AdamArgs& a, int64
 static void adam(const AdamArgs& a, int64_t begin, int64_t end) {
   if (a.f64)
     adam_impl<double>(a, begin, end);
+  else if (a.sr)
+    adam_impl<float>(a, begin, end);
   else if (a.surrogate == AP_SOFTPLUS && !a.weight && a.aux_dt == AP_F32 && a.exp_avg_dt == AP_F32 &&
            a.exp_avg_sq_dt == AP_F32 && (!a.grad || a.grad_dt == AP_F32)) {
     if (a.grad)
