@@ -491,11 +491,11 @@ class AuxAdam(torch.optim.Optimizer):
         pass over it instead of two, no separate gradient check. The result is bit for bit that of
         ``backward()`` then ``step()`` (the weights' optimiser may step before or after).
 
-        What is fused: contiguous float32 aux tensors whose ``.grad`` is ``None`` on entry, in groups
-        with ``memory="standard"``, the softplus surrogate, ``penalty_mode="mean"`` (or no penalty)
-        and no ``inv_abs_weight``, in masked linear layers of weight granularity with float32 or
-        bfloat16 weights and inputs of the weight's dtype, whose gradient the backward keeps and gets
-        from that layer alone. Every other aux tensor gets its gradient as usual and is stepped by
+        What is fused: contiguous aux tensors whose ``.grad`` is ``None`` on entry (float32 with
+        ``memory="standard"``, bfloat16 with ``"bf16_sr"``, whose noise is the same), in groups with
+        the softplus surrogate, ``penalty_mode="mean"`` (or no penalty) and no ``inv_abs_weight``,
+        in masked linear layers of weight granularity with float32 or bfloat16 weights and inputs of
+        the weight's dtype, whose gradient the backward keeps and gets from that layer alone. Every other aux tensor gets its gradient as usual and is stepped by
         :meth:`step` when the block exits: convolutions, unit granularity, other backends,
         ``torch.compile``, ``create_graph``, ``torch.autograd.grad`` and ``backward(inputs=...)``
         without the aux, an aux shared by two layers or also used directly by the loss.
@@ -535,16 +535,20 @@ class AuxAdam(torch.optim.Optimizer):
                     continue
                 beta1, beta2 = group["betas"]
                 total = sum(p.numel() for p in group["params"])
+                sr = group["memory"] == "bf16_sr"
+                dtype = torch.bfloat16 if sr else torch.float32
                 for pi, (p, layer_scale) in enumerate(zip(group["params"], group["layer_scale"])):
-                    if p.grad is not None or not _fusable_tensor(p):
+                    if p.grad is not None or not _fusable_tensor(p, dtype):
                         continue
-                    _, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "fused")
-                    if not (_fusable_tensor(exp_avg) and _fusable_tensor(exp_avg_sq)):
+                    _, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "sr" if sr else "fused")
+                    if not (_fusable_tensor(exp_avg, dtype) and _fusable_tensor(exp_avg_sq, dtype)):
                         continue
                     scale = float(group["penalty"]) / total * float(layer_scale)  # as _scales, _plan
+                    # bf16_sr: the noise keys _run would use for this step (seed of step + 1)
+                    keys = _sr_keys(_sr_seed(group["sr_seed"], step + 1, gi, pi)) if sr else []
                     alias = p.detach()  # kept: take() finds the entry even if p.data is replaced meanwhile
                     arm(alias, exp_avg, exp_avg_sq, step + 1, float(group["lr"]), float(beta1), float(beta2),
-                        float(group["eps"]), scale, float(group["rho"]))
+                        float(group["eps"]), scale, float(group["rho"]), keys)
                     armed.append((gi, pi, p, alias, fresh))
             yield
         finally:
@@ -662,13 +666,13 @@ class AuxAdam(torch.optim.Optimizer):
 
 def _fusable(group: dict[str, Any]) -> bool:
     """Whether :meth:`AuxAdam.fused_step` can take the step of ``group``'s parameters in backward."""
-    return (group["memory"] == "standard" and group["surrogate"] == "softplus" and not group["inv_abs_weight"]
+    return (group["surrogate"] == "softplus" and not group["inv_abs_weight"]
             and (group["penalty_mode"] == "mean" or float(group["penalty"]) == 0.0))
 
 
-def _fusable_tensor(t: Tensor) -> bool:
+def _fusable_tensor(t: Tensor, dtype: torch.dtype) -> bool:
     return (type(t) in _checks.PLAIN_TENSOR_TYPES and t.device.type == "cpu"
-            and t.dtype == torch.float32 and t.is_contiguous() and t.numel() > 0)
+            and t.dtype == dtype and t.is_contiguous() and t.numel() > 0)
 
 
 def _nonfinite_scan() -> Any:

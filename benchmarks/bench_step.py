@@ -13,6 +13,8 @@ and ``zero_grad(set_to_none=True)``. Implementations, each a fresh copy of the s
   with the reason recorded);
 * ``masked_cpp_fused``    -- the ``masked_cpp`` model stepped with ``with aux_opt.fused_step(): backward``
   (the aux step taken inside backward, opt-in; CPU only), then the weight step: bit for bit the same training;
+* ``masked_cpp_bf16sr``   -- ``masked_cpp`` with bfloat16 aux tensors and ``AuxAdam(memory="bf16_sr")`` (the lean
+  memory option: 8 bytes per masked weight); ``masked_cpp_bf16sr_fused`` the same stepped by ``fused_step``;
 * ``torch_prune_l1``      -- ``torch.nn.utils.prune.l1_unstructured(amount=0.5)`` on every Linear / Conv2d:
   the mask is fixed, only the weights step;
 * ``torch_ao_sparsifier`` -- ``torch.ao.pruning.WeightNormSparsifier`` (unstructured, 50%) ``prepare`` +
@@ -72,15 +74,18 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # masked_cpp right after dense: the pair the 1.05x target compares runs back to back in most rotations.
 # dense_repeat is a second, identical dense model: its ratio to dense is the noise floor of the ratios.
-EAGER_IMPLS = ("dense", "masked_cpp", "dense_repeat", "masked_cpp_fused", "masked_reference", "masked_triton",
-               "torch_prune_l1", "torch_ao_sparsifier")
+EAGER_IMPLS = ("dense", "masked_cpp", "dense_repeat", "masked_cpp_fused", "masked_cpp_bf16sr", "masked_cpp_bf16sr_fused",
+               "masked_reference", "masked_triton", "torch_prune_l1", "torch_ao_sparsifier")
 #: the suffix of an implementation that steps the aux tensors inside backward (AuxAdam.fused_step)
 FUSED = "_fused"
+#: the suffix of an implementation with bfloat16 aux tensors and AuxAdam(memory="bf16_sr")
+SR = "_bf16sr"
 #: the target case gets this many times the rounds: its ratio is judged against 1.05 on a machine whose
 #: per-step noise (IQR 5-10%) is larger than the masked overhead itself
 TARGET_ROUNDS_FACTOR = 3
 #: the masked implementations the step target judges (triton on CUDA only)
-TARGET_IMPLS = ("masked_cpp", "masked_cpp+compile", "masked_cpp_fused", "masked_triton", "masked_triton+compile")
+TARGET_IMPLS = ("masked_cpp", "masked_cpp+compile", "masked_cpp_fused", "masked_cpp_bf16sr", "masked_cpp_bf16sr_fused",
+                "masked_triton", "masked_triton+compile")
 COMPILED_IMPLS = ("dense+compile", "masked_cpp+compile", "masked_triton+compile")
 LOAD_NOTE_ABOVE = 1.5
 TRITON_CPU_SKIP = "CPU: the Triton interpreter (TRITON_INTERPRET=1) is far too slow for a training-step benchmark"
@@ -204,7 +209,7 @@ def availability(impl: str, device: torch.device) -> str | None:
     """``None`` if ``impl`` can run on ``device``, else the reason it is skipped."""
     base = impl.removesuffix("+compile")
     if base.startswith("masked_"):
-        name = base.removeprefix("masked_").removesuffix(FUSED)
+        name = base.removeprefix("masked_").removesuffix(FUSED).removesuffix(SR)
         if base.endswith(FUSED) and (name != "cpp" or device.type != "cpu"):
             return "AuxAdam.fused_step fuses on the cpp backend's CPU path only"
         if name == "triton" and device.type == "cpu":
@@ -228,12 +233,12 @@ def make_step(case: Case, impl: str, dtype: torch.dtype, device: torch.device, *
     aux_ids: set[int] = set()
     backend: str | None = None
     note = ""
-    fused = base.endswith(FUSED)
+    fused, sr = base.endswith(FUSED), base.removesuffix(FUSED).endswith(SR)
     if base.startswith("masked_"):
-        backend = base.removeprefix("masked_").removesuffix(FUSED)
-        model = ap.convert(model)  # a bare layer comes back as a new one
+        backend = base.removeprefix("masked_").removesuffix(FUSED).removesuffix(SR)
+        model = ap.convert(model, aux_dtype=torch.bfloat16 if sr else None)  # a bare layer comes back as a new one
         aux_ids = {id(m.weight_aux) for _, m in ap.masked_modules(model)}
-        aux_opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1)
+        aux_opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1, memory="bf16_sr" if sr else "standard")
     elif base == "torch_prune_l1":
         import torch.nn.utils.prune as prune
 

@@ -86,15 +86,16 @@ std::tuple<at::Tensor, at::Tensor> call_mask_backward(const at::Tensor& grad, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> call_masked_linear_backward_adam(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const std::string& rule, bool need_x, bool need_w,
-    bool need_b, int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale, double rho) {
+    bool need_b, int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
+    at::IntArrayRef sr_keys) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("autoprune_cpp::masked_linear_backward_adam_", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool, bool, int64_t, double,
-                           double, double, double, double, double)>();
+                           double, double, double, double, double, at::IntArrayRef)>();
   return op.call(grad_out, input, weight, aux, exp_avg, exp_avg_sq, rule, need_x, need_w, need_b, step, lr, beta1,
-                 beta2, eps, penalty_scale, rho);
+                 beta2, eps, penalty_scale, rho, sr_keys);
 }
 
 at::Tensor call_apply_mask(const at::Tensor& weight, const at::Tensor& aux, bool check_finite) {
@@ -163,6 +164,7 @@ struct ArmedAux {
   at::Tensor aux, exp_avg, exp_avg_sq;
   int64_t step;
   double lr, beta1, beta2, eps, penalty_scale, rho;
+  std::vector<int64_t> sr_keys;  // memory="bf16_sr": the step's three noise keys; empty: "standard"
   std::thread::id thread;  // the arming thread: a backward on another thread does not take the step
   bool busy = false;       // a backward is taking the step now
   bool stepped = false;    // a backward took the step
@@ -186,11 +188,15 @@ bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
 }
 
 void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, int64_t step,
-                   double lr, double beta1, double beta2, double eps, double penalty_scale, double rho) {
+                   double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
+                   at::IntArrayRef sr_keys) {
+  TORCH_CHECK_VALUE(sr_keys.empty() || sr_keys.size() == 3, "sr_keys: expected none or 3, got ", sr_keys.size());
+  const at::ScalarType state_dt = sr_keys.empty() ? at::kFloat : at::kBFloat16;
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
                                 {exp_avg_sq, "exp_avg_sq"}}) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == state_dt, name, ": expected ", sr_keys.empty() ? "float32" : "bfloat16",
+                     ", got ", t.scalar_type());
     TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() > 0, name, ": expected a contiguous non-empty tensor");
     TORCH_CHECK_VALUE(t.sizes() == aux.sizes(), name, ": expected the shape of aux ", aux.sizes(), ", got ",
                       t.sizes());
@@ -201,8 +207,9 @@ void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::T
   std::lock_guard<std::mutex> lock(armed_mutex());
   const bool inserted =
       armed_table()
-          .try_emplace(aux.const_data_ptr(), ArmedAux{aux, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
-                                                      penalty_scale, rho, std::this_thread::get_id()})
+          .try_emplace(aux.const_data_ptr(),
+                       ArmedAux{aux, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, penalty_scale, rho,
+                                std::vector<int64_t>(sr_keys.begin(), sr_keys.end()), std::this_thread::get_id()})
           .second;
   TORCH_CHECK_VALUE(inserted, "aux: already armed by a fused_step in progress (one optimiser's fused_step per "
                               "aux tensor at a time)");
@@ -332,7 +339,8 @@ struct MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFunct
         at::AutoDispatchBelowADInplaceOrView below;
         std::tie(dX, dW, db, nonfinite) = call_masked_linear_backward_adam(
             grad_outputs[0], input, weight, aux, armed->exp_avg, armed->exp_avg_sq, rule, need_x, need_w, need_b,
-            armed->step, armed->lr, armed->beta1, armed->beta2, armed->eps, armed->penalty_scale, armed->rho);
+            armed->step, armed->lr, armed->beta1, armed->beta2, armed->eps, armed->penalty_scale, armed->rho,
+            armed->sr_keys);
       } catch (...) {
         release_armed(aux, false, 0);  // its checks (or allocations) failed before it wrote anything
         throw;
@@ -400,7 +408,7 @@ at::Tensor masked_linear_autograd(const at::Tensor& input, const at::Tensor& wei
 
 TORCH_LIBRARY_FRAGMENT(autoprune_cpp, m) {
   m.def("fused_aux_arm(Tensor aux, Tensor exp_avg, Tensor exp_avg_sq, int step, float lr, float beta1, float beta2, "
-        "float eps, float penalty_scale, float rho) -> ()", &autoprune::fused_aux_arm);
+        "float eps, float penalty_scale, float rho, int[] sr_keys=[]) -> ()", &autoprune::fused_aux_arm);
   m.def("fused_aux_take(Tensor aux) -> int[]", &autoprune::fused_aux_take);
   m.def("fused_aux_armed() -> int", &autoprune::fused_aux_armed);
   m.def("apply_mask_autograd(Tensor weight, Tensor aux, str surrogate, str rule, float alpha, bool check_finite) -> Tensor");

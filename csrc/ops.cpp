@@ -481,13 +481,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_linear_backwar
 
 // masked_linear_backward with the aux tensor's Adam step fused in (AuxAdam.fused_step): dX, dW
 // and db as masked_linear_backward_cpu (weight granularity, softplus surrogate); instead of dM,
-// aux, exp_avg and exp_avg_sq take the aux_adam_step_ of dM (no inv_abs_weight), bit for bit what
-// the two ops give. Entries whose dM is NaN/inf keep aux and moments; returns how many there were.
+// aux, exp_avg and exp_avg_sq take the aux_adam_step_ of dM (no inv_abs_weight), or with sr_keys
+// the aux_adam_step_sr_ (bfloat16 aux and moments), bit for bit what the two ops give. Entries
+// whose dM is NaN/inf keep aux and moments; returns how many there were.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_adam_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& aux,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, c10::string_view rule, bool need_input_grad,
     bool need_weight_grad, bool need_bias_grad, int64_t step, double lr, double beta1, double beta2, double eps,
-    double penalty_scale, double rho) {
+    double penalty_scale, double rho, at::IntArrayRef sr_keys) {
   const MaskCall c = check_mask_call(nullptr, weight, aux, "softplus", rule, 0.1, c10::DeviceType::CPU);
   TORCH_CHECK_VALUE(!c.unit && weight.dim() == 2,
                     "aux: expected weight granularity (the shape of a 2-D weight), got weight ", weight.sizes(),
@@ -499,9 +500,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
                    grad_out.scalar_type());
   check_device(input, "input", c10::DeviceType::CPU);
   check_device(grad_out, "grad_out", c10::DeviceType::CPU);
+  // memory="standard": float32 aux and moments; "bf16_sr" (three noise keys): bfloat16 ones
+  const bool sr = !sr_keys.empty();
+  TORCH_CHECK_VALUE(!sr || sr_keys.size() == 3, "sr_keys: expected none or 3 (exp_avg, exp_avg_sq, aux), got ",
+                    sr_keys.size());
+  for (const int64_t key : sr_keys)
+    TORCH_CHECK_VALUE(key >= 0 && key <= 0xffffffffLL, "sr_keys: expected 32-bit unsigned values, got ", key);
+  const at::ScalarType state_dt = sr ? at::kBFloat16 : at::kFloat;
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
                                 {exp_avg_sq, "exp_avg_sq"}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == state_dt, name, ": expected ", sr ? "bfloat16 (with sr_keys)" : "float32",
+                     ", got ", t.scalar_type());
     TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place)");
   }
   checked_adam_set(aux, exp_avg, exp_avg_sq, std::nullopt, std::nullopt, step, lr, beta1, beta2, eps, "");
@@ -538,11 +547,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
   args.T = need_input_grad ? T.mutable_data_ptr() : nullptr;
   cpu::AdamArgs o{};
   o.aux = aux.mutable_data_ptr();
-  o.aux_dt = AP_F32;
+  o.aux_dt = sr ? AP_BF16 : AP_F32;
   o.exp_avg = exp_avg.mutable_data_ptr();
-  o.exp_avg_dt = AP_F32;
+  o.exp_avg_dt = o.aux_dt;
   o.exp_avg_sq = exp_avg_sq.mutable_data_ptr();
-  o.exp_avg_sq_dt = AP_F32;
+  o.exp_avg_sq_dt = o.aux_dt;
+  o.sr = sr;
+  for (size_t s = 0; s < sr_keys.size(); ++s) o.sr_keys[s] = static_cast<uint32_t>(sr_keys[s]);
   o.numel = aux.numel();
   o.penalty_scale = penalty_scale;
   o.rho = rho;
@@ -669,7 +680,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
       "masked_linear_backward_adam_(Tensor grad_out, Tensor input, Tensor weight, Tensor(a0!) aux, "
       "Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, str rule, bool need_input_grad, bool need_weight_grad, "
       "bool need_bias_grad, int step, float lr, float beta1, float beta2, float eps, float penalty_scale, "
-      "float rho) -> (Tensor, Tensor, Tensor, int)");
+      "float rho, int[] sr_keys=[]) -> (Tensor, Tensor, Tensor, int)");
   m.def(
       "aux_adam_step_sr_(Tensor(a0!) aux, Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, Tensor? grad, Tensor? weight, "
       "int step, float lr, float beta1, float beta2, float eps, float penalty_scale, float rho, str surrogate, "

@@ -103,6 +103,10 @@ def test_op_errors(ext):  # noqa: F811
     args = ("sign", True, True, True, 1, *HP.values())
     with pytest.raises(TypeError, match="aux: expected float32"):
         ext.masked_linear_backward_adam_(g, x, w, m.double(), e1, e2, *args)
+    with pytest.raises(TypeError, match=r"aux: expected bfloat16 \(with sr_keys\)"):
+        ext.masked_linear_backward_adam_(g, x, w, m, e1, e2, *args, [1, 2, 3])
+    with pytest.raises(ValueError, match="sr_keys: expected none or 3"):
+        ext.masked_linear_backward_adam_(g, x, w, m, e1, e2, *args, [1, 2])
     with pytest.raises(ValueError, match="exp_avg: expected a contiguous"):
         ext.masked_linear_backward_adam_(g, x, w, m, rand((6, 5)).t(), e2, *args)
     with pytest.raises(ValueError, match="aux, exp_avg: expected tensors that share no memory"):
@@ -154,9 +158,10 @@ def run(model: nn.Module, opt: AuxAdam, w_opt: torch.optim.Optimizer, x: torch.T
     return grads
 
 
-def twin_runs(dtype: torch.dtype, backend: str = "cpp", **opt_kw) -> tuple[dict, dict]:
+def twin_runs(dtype: torch.dtype, backend: str = "cpp", aux_dtype: torch.dtype | None = None,
+              **opt_kw) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    base = ap.convert(Net().to(dtype), init=(0.3, 0.5))
+    base = ap.convert(Net().to(dtype), init=(0.3, 0.5), aux_dtype=aux_dtype)
     x = torch.randn(4, 2, 4, 4, dtype=dtype, requires_grad=True)
     out = {}
     for fused in (False, True):
@@ -171,10 +176,15 @@ def twin_runs(dtype: torch.dtype, backend: str = "cpp", **opt_kw) -> tuple[dict,
     return out[False], out[True]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_is_backward_then_step_bit_for_bit(dtype):
-    """Linear layers fused, the convolution stepped at the block's exit: every tensor and count equal."""
-    plain, fused = twin_runs(dtype)
+@pytest.mark.parametrize("dtype, memory", [(torch.float32, "standard"), (torch.bfloat16, "standard"),
+                                           (torch.bfloat16, "bf16_sr"), (torch.float32, "bf16_sr")])
+def test_fused_step_is_backward_then_step_bit_for_bit(dtype, memory):
+    """Linear layers fused, the convolution stepped at the block's exit: every tensor and count equal
+    (bf16_sr: bfloat16 aux and moments, the same stochastic rounding noise)."""
+    sr = memory == "bf16_sr"
+    plain, fused = twin_runs(dtype, aux_dtype=torch.bfloat16 if sr else None, memory=memory, sr_seed=5)
+    if sr:
+        assert fused["model"].fc1.weight_aux.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(plain["model"].state_dict().items(), fused["model"].state_dict().items()):
         assert same_bits(a, b), name
     for ga, gb in zip(plain["grads"], fused["grads"]):
@@ -190,10 +200,11 @@ def test_fused_step_is_backward_then_step_bit_for_bit(dtype):
         assert int(v["step"]) == int(sd_f["state"][k]["step"]) and same_bits(v["exp_avg"], sd_f["state"][k]["exp_avg"])
 
 
-def test_fused_step_really_fuses_the_linear_layers():
+@pytest.mark.parametrize("memory", ["standard", "bf16_sr"])
+def test_fused_step_really_fuses_the_linear_layers(memory):
     torch.manual_seed(0)
-    model = ap.convert(Net())
-    opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1)
+    model = ap.convert(Net(), aux_dtype=torch.bfloat16 if memory == "bf16_sr" else None)
+    opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1, memory=memory)
     seen = {}
     for name in ("conv", "fc1", "fc2"):
         layer = getattr(model, name)
@@ -373,3 +384,28 @@ def test_fused_step_nonfinite_steps_the_unfused_first_and_says_so():
         with opt.fused_step():
             model(x).sum().backward()
     assert model.conv.weight_aux not in opt.state and int(opt.state[model.fc1.weight_aux]["step"]) == 1
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+def test_op_bf16_sr_is_the_two_op_composition_and_keeps_nonfinite_entries(ext, wdt):  # noqa: F811
+    """With sr_keys: bfloat16 aux and moments, dM rounded as the backward stores it, the same noise as
+    aux_adam_step_sr_; rows whose dM is NaN keep their bits."""
+    x, w, g = rand((9, 700)).to(wdt), rand((30, 700)).to(wdt), rand((9, 30)).to(wdt)
+    g[4, 3] = float("nan")
+    m0 = rand((30, 700), scale=0.5).bfloat16()
+    e10, e20 = rand((30, 700), scale=1e-2).bfloat16(), rand((30, 700), scale=1e-3).abs().bfloat16()
+    keys = [11, 2**32 - 1, 12345]
+    m, e1, e2 = m0.clone(), e10.clone(), e20.clone()
+    dX, dW, dM, db = ext.masked_linear_backward(g, x, w, m, "softplus", "sign", 0.1, True, True, True, True)
+    ok = torch.isfinite(dM.float()).all(1)
+    dM[~ok] = 0.0  # aux_adam_step_sr_ would take NaN; the fused op keeps those rows instead
+    ext.aux_adam_step_sr_(m, e1, e2, dM, None, 2, *list(HP.values())[:4], HP["penalty_scale"], HP["rho"], "softplus",
+                          0.1, keys)
+    fm, f1, f2 = m0.clone(), e10.clone(), e20.clone()
+    fX, fW, fb, bad = ext.masked_linear_backward_adam_(g, x, w, fm, f1, f2, "sign", True, True, True, 2, *HP.values(),
+                                                       keys)
+    assert bad == 700 and not bool(ok[3])
+    for got, want, old in ((fm, m, m0), (f1, e1, e10), (f2, e2, e20)):
+        assert same_bits(got[ok], want[ok]) and same_bits(got[~ok], old[~ok])
+    for got, want in ((fX, dX), (fW, dW), (fb, db)):
+        assert same_bits(got, want)

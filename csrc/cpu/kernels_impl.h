@@ -798,21 +798,87 @@ __attribute__((noinline)) static void backward_weight_adam_fast(const BackwardAr
   if (bad) __atomic_fetch_add(nonfinite, static_cast<int64_t>(bad), __ATOMIC_RELAXED);
 }
 
+// The same with memory="bf16_sr" (bfloat16 aux and moments): dM rounded to bfloat16 as the backward
+// stores it, then the block Adam step's formulas (penalty, then + dM: two roundings, as adam_impl)
+// and stochastic stores (store_block_sr), bit for bit the two-kernel result.
+template <typename U, bool kSign, bool kT, bool kDW, bool kInPlace>
+__attribute__((noinline)) static void backward_weight_adam_sr(const BackwardArgs& a, const AdamArgs& o,
+                                                              int64_t begin, int64_t end, int64_t* nonfinite) {
+  U* __restrict__ g = static_cast<U*>(const_cast<void*>(a.grad));  // written only when kInPlace
+  U* __restrict__ dw = static_cast<U*>(a.dW);
+  const U* __restrict__ w = static_cast<const U*>(a.weight);
+  U* __restrict__ t = static_cast<U*>(a.T);
+  uint16_t* __restrict__ m = static_cast<uint16_t*>(o.aux);
+  uint16_t* __restrict__ e1 = static_cast<uint16_t*>(o.exp_avg);
+  uint16_t* __restrict__ e2 = static_cast<uint16_t*>(o.exp_avg_sq);
+  const AdamScalars<float> c(o);
+  float gbuf[kBlock], nm[kBlock], n1[kBlock], n2[kBlock];
+  uint32_t bad = 0;
+  for (int64_t off = begin; off < end; off += kBlock) {
+    const int64_t n = imin(kBlock, end - off);
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = bits_to_f32(g[off + i]);
+      const float x = bf16_to_f32(m[off + i]);
+      gbuf[i] = gi;
+      if (kT) t[off + i] = x >= 0.0f ? w[off + i] : U(0);
+      if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? g + off + i : dw + off + i);
+    }
+    // dM (into gbuf) and the penalty gradient (into nm), then their sum in a loop of its own, as
+    // adam_impl adds them: one loop would let the compiler fuse the penalty's product into the sum
+    for (int64_t i = 0; i < n; ++i) {
+      const float wi = bits_to_f32(w[off + i]);
+      const float x = bf16_to_f32(m[off + i]);
+      const float cw = kSign ? (wi > 0.0f ? 1.0f : 0.0f) - (wi < 0.0f ? 1.0f : 0.0f) : wi;
+      float sp, sn;
+      softplus_pair(x, &sp, &sn);
+      gbuf[i] = bf16_to_f32(f32_to_bf16((gbuf[i] * cw) * sp));  // dM as the backward stores it
+      nm[i] = penalty_of(c, sp, sn);
+    }
+    uint32_t block_bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = gbuf[i];
+      const float gt = nm[i] + d;
+      adam_one<float>(c, bf16_to_f32(m[off + i]), bf16_to_f32(e1[off + i]), bf16_to_f32(e2[off + i]), gt, nm + i,
+                      n1 + i, n2 + i);
+      const bool ok = (d < 0.0f ? -d : d) <= __FLT_MAX__;  // false for NaN and inf
+      gbuf[i] = ok ? 1.0f : 0.0f;                          // reused: which entries are stepped
+      block_bad += ok ? 0u : 1u;
+    }
+    if (block_bad) {  // the entries with a NaN/inf dM keep their old values: write those back
+      for (int64_t i = 0; i < n; ++i)
+        if (gbuf[i] == 0.0f) {
+          nm[i] = bf16_to_f32(m[off + i]);
+          n1[i] = bf16_to_f32(e1[off + i]);
+          n2[i] = bf16_to_f32(e2[off + i]);
+        }
+    }
+    // an unchanged entry goes through the stochastic store as an exact bfloat16 value: unchanged bits
+    store_block_sr(n1, e1, off, n, o.sr_keys[0], false);
+    store_block_sr(n2, e2, off, n, o.sr_keys[1], true);
+    store_block_sr(nm, m, off, n, o.sr_keys[2], false);
+    bad += block_bad;
+  }
+  if (bad) __atomic_fetch_add(nonfinite, static_cast<int64_t>(bad), __ATOMIC_RELAXED);
+}
+
 template <typename U, bool kSign>
 static void backward_weight_adam_for(const BackwardArgs& a, const AdamArgs& o, int64_t begin, int64_t end,
                                      int64_t* nonfinite) {
   const bool dW = a.dW != nullptr, in_place = dW && a.dW == a.grad;
+#define AP_ADAM_KERNEL(T_, DW_, IP_)                                                                  \
+  (o.sr ? backward_weight_adam_sr<U, kSign, T_, DW_, IP_>(a, o, begin, end, nonfinite)              \
+        : backward_weight_adam_fast<U, kSign, T_, DW_, IP_>(a, o, begin, end, nonfinite))
   if (a.T) {
-    if (!dW) return backward_weight_adam_fast<U, kSign, true, false, false>(a, o, begin, end, nonfinite);
-    return in_place ? backward_weight_adam_fast<U, kSign, true, true, true>(a, o, begin, end, nonfinite)
-                    : backward_weight_adam_fast<U, kSign, true, true, false>(a, o, begin, end, nonfinite);
+    if (!dW) return AP_ADAM_KERNEL(true, false, false);
+    return in_place ? AP_ADAM_KERNEL(true, true, true) : AP_ADAM_KERNEL(true, true, false);
   }
-  if (!dW) return backward_weight_adam_fast<U, kSign, false, false, false>(a, o, begin, end, nonfinite);
-  return in_place ? backward_weight_adam_fast<U, kSign, false, true, true>(a, o, begin, end, nonfinite)
-                  : backward_weight_adam_fast<U, kSign, false, true, false>(a, o, begin, end, nonfinite);
+  if (!dW) return AP_ADAM_KERNEL(false, false, false);
+  return in_place ? AP_ADAM_KERNEL(false, true, true) : AP_ADAM_KERNEL(false, true, false);
+#undef AP_ADAM_KERNEL
 }
 
 // the op layer checked: float32 or bfloat16 grad and weight of one dtype, float32 aux and moments
+// (bfloat16 ones with o.sr)
 static void backward_weight_adam(const BackwardArgs& a, const AdamArgs& o, int64_t begin, int64_t end,
                                  int64_t* nonfinite) {
   const bool sign = a.rule == AP_RULE_SIGN;
