@@ -4,8 +4,8 @@ After one real forward, backward and aux step of a model of masked linear layers
 ``weight_aux``, its ``.grad`` and every optimiser state tensor (``exp_avg``, ``exp_avg_sq``) are summed
 and divided by the number of masked weights. Options: ``standard`` with a float32 aux (the default),
 ``standard`` with a bfloat16 aux (half the bytes, but small updates are lost: AuxAdam warns),
-``bf16_sr`` (bfloat16 aux and moments with stochastic rounding) and ``standard`` stepped by
-``AuxAdam.fused_step`` on the ``cpp`` backend (the step inside backward: no aux gradient is ever made).
+``bf16_sr`` (bfloat16 aux and moments with stochastic rounding) and ``standard`` and ``bf16_sr``
+stepped by ``AuxAdam.fused_step`` on the ``cpp`` backend (the step inside backward: no aux gradient is ever made).
 
 ``python benchmarks/bench_memory.py [--out benchmarks/results/memory_cpu.json]`` writes the table;
 the ``test_*`` function below runs every option at a small size in the test suite.
@@ -34,6 +34,7 @@ OPTIONS: dict[str, tuple[str, torch.dtype, bool]] = {
     "standard (bf16 aux, stalls)": ("standard", torch.bfloat16, False),
     "bf16_sr": ("bf16_sr", torch.bfloat16, False),
     "standard + fused_step (fp32 aux, cpp on CPU)": ("standard", torch.float32, True),
+    "bf16_sr + fused_step (cpp on CPU)": ("bf16_sr", torch.bfloat16, True),
 }
 
 
@@ -97,7 +98,7 @@ def test_every_option_measures(tmp_path):
     result = run(width=32, layers=2)
     by = {r["option"]: r["bytes_per_masked_weight"] for r in result["rows"]}
     assert by == {"standard (fp32 aux)": 16.0, "standard (bf16 aux, stalls)": 12.0, "bf16_sr": 8.0,
-                  "standard + fused_step (fp32 aux, cpp on CPU)": 12.0}
+                  "standard + fused_step (fp32 aux, cpp on CPU)": 12.0, "bf16_sr + fused_step (cpp on CPU)": 6.0}
     assert "bf16_sr" in markdown(result)
 
 
