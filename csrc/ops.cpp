@@ -232,6 +232,19 @@ at::Tensor nm_scores_meta(const at::Tensor& aux, int64_t, int64_t) {
   return at::empty_symint(aux.sym_sizes(), aux.options());
 }
 
+// the scalars of one Adam step (bias corrections of `step` included) into a kernel's arguments
+void set_adam_scalars(cpu::AdamArgs& a, int64_t step, double lr, double beta1, double beta2, double eps,
+                      double penalty_scale, double rho, int surrogate, double alpha) {
+  a.penalty_scale = penalty_scale;
+  a.rho = rho;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  adam_bias(step, lr, beta1, beta2, &a.step_size, &a.bias2_sqrt);
+  a.surrogate = surrogate;
+  a.alpha = alpha;
+}
+
 struct AdamTensors {
   AdamSet set;
   cpu::AdamArgs args{};
@@ -256,14 +269,7 @@ AdamTensors prepare_adam(const at::Tensor& aux, const at::Tensor& exp_avg, const
   a.weight = s.weight.defined() ? s.weight.const_data_ptr() : nullptr;
   a.weight_dt = s.weight.defined() ? dtype_code(s.weight, "weight") : AP_F32;
   a.numel = aux.numel();
-  a.penalty_scale = penalty_scale;
-  a.rho = rho;
-  a.beta1 = beta1;
-  a.beta2 = beta2;
-  a.eps = eps;
-  adam_bias(step, lr, beta1, beta2, &a.step_size, &a.bias2_sqrt);
-  a.surrogate = surrogate;
-  a.alpha = alpha;
+  set_adam_scalars(a, step, lr, beta1, beta2, eps, penalty_scale, rho, surrogate, alpha);
   a.f64 = s.f64;
   return t;
 }
@@ -555,14 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
   o.sr = sr;
   for (size_t s = 0; s < sr_keys.size(); ++s) o.sr_keys[s] = static_cast<uint32_t>(sr_keys[s]);
   o.numel = aux.numel();
-  o.penalty_scale = penalty_scale;
-  o.rho = rho;
-  o.beta1 = beta1;
-  o.beta2 = beta2;
-  o.eps = eps;
-  adam_bias(step, lr, beta1, beta2, &o.step_size, &o.bias2_sqrt);
-  o.surrogate = c.surrogate;
-  o.alpha = 0.1;
+  set_adam_scalars(o, step, lr, beta1, beta2, eps, penalty_scale, rho, c.surrogate, 0.1);
   int64_t nonfinite = 0;
   const auto& k = kernel_table();
   at::parallel_for(0, args.numel, kGrainSoftplus,
