@@ -613,16 +613,21 @@ AP_INLINE uint32_t lowbias32(uint32_t x) {
   return x;
 }
 
-AP_INLINE void store_block_sr(const float* buf, void* dst, int64_t off, int64_t n, uint32_t key, bool clamp0) {
+// kClamp0: clamp_min(0) after the rounding (exp_avg_sq): a negative non-NaN value becomes +0. All
+// selects, no branch: the loop vectorises.
+template <bool kClamp0>
+AP_INLINE void store_block_sr(const float* buf, void* dst, int64_t off, int64_t n, uint32_t key) {
   uint16_t* out = static_cast<uint16_t*>(dst) + off;
+  const uint32_t k0 = static_cast<uint32_t>(off);  // the flat index mod 2^32, in 32-bit lanes
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = f2u(buf[i]);
-    const uint32_t noise = lowbias32(static_cast<uint32_t>(off + i) ^ key) >> 16;
+    const uint32_t noise = lowbias32((k0 + static_cast<uint32_t>(i)) ^ key) >> 16;
     const bool finite = (bits & 0x7f800000u) != 0x7f800000u;
-    uint16_t r = finite ? static_cast<uint16_t>((bits + noise) >> 16) : f32_to_bf16(buf[i]);
-    // clamp_min(0) (exp_avg_sq): a negative non-NaN value becomes +0
-    if (clamp0 && (r & 0x8000u) && (r & 0x7fffu) <= 0x7f80u) r = 0;
-    out[i] = r;
+    // inf: its own bits; NaN: the quiet NaN f32_to_bf16 gives (integer selects, as the rest)
+    const uint32_t special = (bits & 0x7fffffffu) > 0x7f800000u ? 0x7FC0u : bits >> 16;
+    const uint32_t r = finite ? (bits + noise) >> 16 : special;
+    const bool negative = (r & 0x8000u) != 0 && (r & 0x7fffu) <= 0x7f80u;
+    out[i] = static_cast<uint16_t>(kClamp0 && negative ? 0u : r);
   }
 }
 
@@ -699,9 +704,9 @@ static void adam_impl(const AdamArgs& a, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < n; ++i) adam_one<CT>(c, m[i], e1[i], e2[i], g[i], oabuf + i, o1buf + i, o2buf + i);
     if constexpr (sizeof(CT) == sizeof(float)) {
       if (a.sr) {  // the op checked: bfloat16 aux and moments
-        store_block_sr(o1buf, a.exp_avg, off, n, a.sr_keys[0], false);
-        store_block_sr(o2buf, a.exp_avg_sq, off, n, a.sr_keys[1], true);
-        store_block_sr(oabuf, a.aux, off, n, a.sr_keys[2], false);
+        store_block_sr<false>(o1buf, a.exp_avg, off, n, a.sr_keys[0]);
+        store_block_sr<true>(o2buf, a.exp_avg_sq, off, n, a.sr_keys[1]);
+        store_block_sr<false>(oabuf, a.aux, off, n, a.sr_keys[2]);
         continue;
       }
     }
@@ -853,9 +858,9 @@ __attribute__((noinline)) static void backward_weight_adam_sr(const BackwardArgs
         }
     }
     // an unchanged entry goes through the stochastic store as an exact bfloat16 value: unchanged bits
-    store_block_sr(n1, e1, off, n, o.sr_keys[0], false);
-    store_block_sr(n2, e2, off, n, o.sr_keys[1], true);
-    store_block_sr(nm, m, off, n, o.sr_keys[2], false);
+    store_block_sr<false>(n1, e1, off, n, o.sr_keys[0]);
+    store_block_sr<true>(n2, e2, off, n, o.sr_keys[1]);
+    store_block_sr<false>(nm, m, off, n, o.sr_keys[2]);
     bad += block_bad;
   }
   if (bad) __atomic_fetch_add(nonfinite, static_cast<int64_t>(bad), __ATOMIC_RELAXED);
