@@ -58,9 +58,12 @@ class AuxAdam(torch.optim.Optimizer):
       ulp of ``M`` rounds away (a warning says so once).
     * ``"bf16_sr"``: aux and both moments in bfloat16, every write rounded *stochastically* (to one
       of the two neighbouring bfloat16 values, with probabilities that make it exact on average), so
-      small updates accumulate instead of vanishing: 8 bytes. The noise is a function of
-      ``(sr_seed, step, parameter index)``, so a resumed run repeats it exactly. The aux must be
-      bfloat16 (``convert(..., aux_dtype=torch.bfloat16)``); runs in PyTorch, not the fused kernels.
+      small updates accumulate instead of vanishing: 8 bytes. The noise is a hash of
+      ``(sr_seed, step, parameter index)`` and the entry's index, so a resumed run on the same path
+      repeats it exactly. The aux must be bfloat16 (``convert(..., aux_dtype=torch.bfloat16)``). On
+      CPU with the extension one C++ pass takes the step; elsewhere PyTorch ops do, with the same
+      noise (the two may differ in the last bit of float32 arithmetic, so in rare entries by one
+      bfloat16 step; so may CPUs with and without FMA).
 
     A group may also hold ``layer_scale``: one multiplier per parameter (default ``1.0``), which the
     trainer uses to switch the penalty off for a layer at its density floor.
@@ -504,9 +507,15 @@ class AuxAdam(torch.optim.Optimizer):
 
         * The group values (``lr``, ``betas``, ``eps``, ``penalty``, ``rho``, ``layer_scale``) are
           read when the block is entered; changes made inside it apply from the next step.
-        * One backward through each fused layer per block: a layer called twice in one forward, a
-          second backward or gradient accumulation raises (the step would be taken twice; usually
-          autograd's own error that a saved tensor was modified in place comes first).
+        * One backward through each fused layer per block: a second backward or gradient
+          accumulation raises (the step would be taken twice; usually autograd's own error that a
+          saved tensor was modified in place comes first).
+        * What the node cannot see: the backward's root node. If the root itself feeds an aux
+          tensor (the aux is an operand of the loss's last op, as in ``mse_loss(out, aux)``, or the
+          output of a layer called twice is differentiated directly), or one aux is shared by layers
+          in two reentrant checkpoint segments, the step is taken on the layer's gradient alone and
+          the block raises when it sees the other gradient. Make the loss a function of the outputs
+          (``loss = f(out) + g(aux)`` is fine) or use ``backward()`` and :meth:`step`.
         * Single process only: the update runs before any all-reduce could average the gradient,
           so an initialised process group of more than one rank raises on entry.
         * ``nonfinite="raise"`` only: the step cannot be skipped after it was taken. An entry whose
@@ -538,7 +547,7 @@ class AuxAdam(torch.optim.Optimizer):
                 sr = group["memory"] == "bf16_sr"
                 dtype = torch.bfloat16 if sr else torch.float32
                 for pi, (p, layer_scale) in enumerate(zip(group["params"], group["layer_scale"])):
-                    if p.grad is not None or not _fusable_tensor(p, dtype):
+                    if p.grad is not None or not p.requires_grad or not _fusable_tensor(p, dtype):
                         continue
                     _, fresh, step, exp_avg, exp_avg_sq = self._state_of(p, gi, pi, "sr" if sr else "fused")
                     if not (_fusable_tensor(exp_avg, dtype) and _fusable_tensor(exp_avg_sq, dtype)):
@@ -547,8 +556,14 @@ class AuxAdam(torch.optim.Optimizer):
                     # bf16_sr: the noise keys _run would use for this step (seed of step + 1)
                     keys = _sr_keys(_sr_seed(group["sr_seed"], step + 1, gi, pi)) if sr else []
                     alias = p.detach()  # kept: take() finds the entry even if p.data is replaced meanwhile
-                    arm(alias, exp_avg, exp_avg_sq, step + 1, float(group["lr"]), float(beta1), float(beta2),
-                        float(group["eps"]), scale, float(group["rho"]), keys)
+                    hp = (step + 1, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), scale,
+                          float(group["rho"]))
+                    # the parameter itself: the node recognises it by its gradient accumulator (keys only
+                    # for bf16_sr, so that a library built before bf16_sr fusion still fuses the rest)
+                    if sr:
+                        arm(p, exp_avg, exp_avg_sq, *hp, keys)
+                    else:
+                        arm(p, exp_avg, exp_avg_sq, *hp)
                     armed.append((gi, pi, p, alias, fresh))
             yield
         finally:
@@ -571,10 +586,14 @@ class AuxAdam(torch.optim.Optimizer):
             if failure is not None:
                 raise failure
         twice = [(gi, pi, p) for gi, pi, p in stepped_params if p.grad is not None]
-        if twice:  # a gradient set after the step (by hand): step() would step the tensor again
+        if twice:  # another gradient arrived after the step: step() would step the tensor again
             gi, pi, p = twice[0]
-            raise RuntimeError(f"fused_step: {self._param_name(gi, pi, p)} was stepped in backward and then got a "
-                               ".grad; it is not stepped again (set no aux gradient inside the block)")
+            raise RuntimeError(
+                f"fused_step: {self._param_name(gi, pi, p)} was stepped in backward on its layer's gradient and then "
+                "got a .grad from elsewhere (the backward's root node feeding it directly, a reentrant checkpoint "
+                "segment, or a gradient set by hand); it is not stepped again, and that gradient is left in .grad. "
+                "Use backward() and step() for such a loss."
+            )
         if any(p.grad is not None for group in self.param_groups for p in group["params"]):
             try:
                 self.step()  # the aux tensors that were not fused

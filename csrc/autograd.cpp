@@ -160,8 +160,13 @@ variable_list place_grads(variable_list out, const std::vector<std::pair<size_t,
 // ------------------------------------------------------------------------------------------------
 // armed aux tensors (AuxAdam.fused_step)
 // ------------------------------------------------------------------------------------------------
+// aux's gradient accumulator (std::shared_ptr<Node> before torch 2.12, c10::intrusive_ptr<Node> after)
+using NodeRef = decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::autograd::Variable&>()));
+
 struct ArmedAux {
-  at::Tensor aux, exp_avg, exp_avg_sq;
+  at::Tensor aux;  // a detached alias: the memory armed, even if the parameter's .data is replaced later
+  at::Tensor exp_avg, exp_avg_sq;
+  NodeRef accumulator;  // the armed parameter's: another leaf over the same memory is not it
   int64_t step;
   double lr, beta1, beta2, eps, penalty_scale, rho;
   std::vector<int64_t> sr_keys;  // memory="bf16_sr": the step's three noise keys; empty: "standard"
@@ -204,12 +209,16 @@ void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::T
   check_adam_scalars(step, lr, beta1, beta2, eps);
   TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
                     "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
+  TORCH_CHECK_VALUE(aux.requires_grad() && aux.is_leaf(), "aux: expected the parameter itself (a leaf that "
+                    "requires grad), got a tensor that ", aux.requires_grad() ? "is not a leaf" : "requires no grad");
+  NodeRef accumulator = torch::autograd::impl::grad_accumulator(aux);
   std::lock_guard<std::mutex> lock(armed_mutex());
   const bool inserted =
       armed_table()
           .try_emplace(aux.const_data_ptr(),
-                       ArmedAux{aux, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, penalty_scale, rho,
-                                std::vector<int64_t>(sr_keys.begin(), sr_keys.end()), std::this_thread::get_id()})
+                       ArmedAux{aux.detach(), exp_avg, exp_avg_sq, std::move(accumulator), step, lr, beta1, beta2, eps,
+                                penalty_scale, rho, std::vector<int64_t>(sr_keys.begin(), sr_keys.end()),
+                                std::this_thread::get_id()})
           .second;
   TORCH_CHECK_VALUE(inserted, "aux: already armed by a fused_step in progress (one optimiser's fused_step per "
                               "aux tensor at a time)");
@@ -277,6 +286,10 @@ std::optional<ArmedAux> claim_armed(const at::Tensor& aux) {
     if (it == armed_table().end() || !same_tensor(it->second.aux, aux) ||
         it->second.thread != std::this_thread::get_id())
       return std::nullopt;
+    // the armed parameter itself, not another leaf over its memory (functional_call with a detached
+    // copy, a state dict loaded with assign=True into a shadow model)
+    const auto acc = torch::autograd::impl::try_get_grad_accumulator(aux);
+    if (!acc || acc.get() != it->second.accumulator.get()) return std::nullopt;
   }
   if (aux.grad().defined() || !sole_kept_gradient(aux)) return std::nullopt;
   std::lock_guard<std::mutex> lock(armed_mutex());

@@ -121,6 +121,10 @@ def test_op_errors(ext):  # noqa: F811
         ext.masked_linear_backward_adam_(g, rand((4, 7)), w, m, e1, e2, *args)
     with pytest.raises(ValueError, match="grad_out: expected 4 x 5 entries"):
         ext.masked_linear_backward_adam_(rand((3, 5)), x, w, m, e1, e2, *args)
+    with pytest.raises(ValueError, match="aux: expected the parameter itself"):
+        ext.fused_aux_arm(m, e1, e2, 1, *list(HP.values())[:4], 0.0, 1e-3)
+    with pytest.raises(TypeError, match="aux: expected bfloat16"):
+        ext.fused_aux_arm(m.requires_grad_(), e1, e2, 1, *list(HP.values())[:4], 0.0, 1e-3, [1, 2, 3])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +369,8 @@ def test_fused_step_registry_survives_a_replaced_parameter_and_a_late_grad(ext):
     with opt.fused_step():
         m.weight_aux.data = m.weight_aux.data.clone()  # the armed alias still finds its entry
     assert ext.fused_aux_armed() == 0
-    with backends.use("cpp"), pytest.raises(RuntimeError, match="was stepped in backward and then got a .grad"):
+    with backends.use("cpp"), pytest.raises(RuntimeError, match="was stepped in backward on its layer's gradient "
+                                                              "and then got a .grad from elsewhere"):
         with opt.fused_step():
             m(torch.randn(2, 8)).sum().backward()
             m.weight_aux.grad = torch.zeros_like(m.weight_aux)
@@ -409,3 +414,27 @@ def test_op_bf16_sr_is_the_two_op_composition_and_keeps_nonfinite_entries(ext, w
         assert same_bits(got[ok], want[ok]) and same_bits(got[~ok], old[~ok])
     for got, want in ((fX, dX), (fW, dW), (fb, db)):
         assert same_bits(got, want)
+
+
+def test_fused_step_does_not_step_another_leaf_over_the_same_memory():
+    """functional_call with a detached copy of weight_aux: the copy gets the gradient, the parameter
+    must not be stepped (it is recognised by its gradient accumulator, not by its memory)."""
+    torch.manual_seed(0)
+    m = ap.convert(nn.Linear(8, 4))
+    opt = AuxAdam.from_model(m, lr=1e-2, penalty=0.1)
+    before = m.weight_aux.detach().clone()
+    copy_ = m.weight_aux.detach().requires_grad_()
+    with backends.use("cpp"), opt.fused_step():
+        torch.func.functional_call(m, {"weight_aux": copy_}, (torch.randn(3, 8),)).sum().backward()
+    assert copy_.grad is not None and torch.equal(m.weight_aux.detach(), before) and not opt.state
+
+
+def test_fused_step_root_feeding_aux_raises_with_the_reason():
+    """The documented blind spot: the root node itself feeds aux; the block says so."""
+    torch.manual_seed(0)
+    m = ap.convert(nn.Linear(8, 8))
+    opt = AuxAdam.from_model(m, lr=1e-2)
+    x = torch.randn(8, 8)
+    with backends.use("cpp"), pytest.raises(RuntimeError, match="root node feeding it directly"):
+        with opt.fused_step():
+            torch.nn.functional.mse_loss(m(x), m.weight_aux).backward()
