@@ -438,3 +438,54 @@ def test_fused_step_root_feeding_aux_raises_with_the_reason():
     with backends.use("cpp"), pytest.raises(RuntimeError, match="root node feeding it directly"):
         with opt.fused_step():
             torch.nn.functional.mse_loss(m(x), m.weight_aux).backward()
+
+
+def test_fused_step_backward_on_another_thread_is_not_fused():
+    """The arming thread's backwards only: one run on another thread gets its gradient as usual."""
+    import threading
+
+    torch.manual_seed(0)
+    m = ap.convert(nn.Linear(8, 4))
+    opt = AuxAdam.from_model(m, lr=1e-2)
+    x = torch.randn(3, 8)
+    seen = {}
+
+    def work():
+        with backends.use("cpp"):
+            m(x).sum().backward()
+        seen["grad"] = m.weight_aux.grad is not None
+
+    with opt.fused_step():
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert seen["grad"] and int(opt.state[m.weight_aux]["step"]) == 1  # stepped once, at exit
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_step_under_activation_checkpointing(reentrant):
+    """A checkpointed segment recomputes its forward inside backward; the fused step is still the
+    unfused one, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = ap.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    x = torch.randn(5, 8, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        opt = AuxAdam.from_model(model, lr=1e-2, penalty=0.1)
+        with backends.use("cpp"):
+            def run():
+                checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
+            if fused:
+                with opt.fused_step():
+                    run()
+                    assert all(m.weight_aux.grad is None for _, m in ap.masked_modules(model))  # fused
+            else:
+                run()
+                opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+        x.grad = None
+    for a, b in zip(*results):
+        assert same_bits(a, b)
