@@ -383,6 +383,10 @@ void aux_adam_step_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&, c10::SymInt, double, double, double, double, double, double,
                         c10::string_view, double) {}
 
+void aux_adam_step_sr_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, int64_t, double, double, double, double, double, double,
+                           c10::string_view, double, at::IntArrayRef) {}
+
 void aux_adam_step_multi_meta(at::TensorList, at::TensorList, at::TensorList,
                               const c10::List<std::optional<at::Tensor>>&, const c10::List<std::optional<at::Tensor>>&,
                               c10::SymIntArrayRef, at::ArrayRef<double>, double, double, double, double, double,
@@ -714,6 +718,7 @@ TORCH_LIBRARY_IMPL(autoprune_cpp, Meta, m) {
   m.impl("mask_backward", &autoprune::mask_backward_meta);
   m.impl("aux_adam_step_", &autoprune::aux_adam_step_meta);
   m.impl("aux_adam_step_multi_", &autoprune::aux_adam_step_multi_meta);
+  m.impl("aux_adam_step_sr_", &autoprune::aux_adam_step_sr_meta);
 }
 
 TORCH_LIBRARY_IMPL(autoprune_cpp, CompositeExplicitAutograd, m) {

@@ -650,10 +650,12 @@ def _opcheck_cases():
                                   1e-2, 0.9, 0.999, 1e-8, 1e-3, "sigmoid", 0.1)),
         ("apply_mask_checked", (w, m)),
         ("masked_linear_checked", (x, w, mu, b)),
+        ("aux_adam_step_sr_", (a.bfloat16(), e1.bfloat16(), e2.bfloat16(), gr.bfloat16(), None, 3, 1e-2, 0.9, 0.999,
+                               1e-8, 0.1, 1e-3, "softplus", 0.1, [1, 2, 3])),
     ]
 
 
-@pytest.mark.parametrize("index", range(13))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck_autoprune_cpp_ops(ext, index):
     name, args = _opcheck_cases()[index]
     torch.library.opcheck(getattr(ext, name).default, args)
