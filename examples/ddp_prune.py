@@ -117,6 +117,9 @@ def main() -> None:
             print(f"finalized dense state dict -> {args.out}")
     trainer.restore_trainable()
     if distributed:
+        # every rank done before any tears the group down: a rank that exits while its peer is still
+        # in a collective or mid-teardown can take gloo's threads down with it (an abort at exit)
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -274,6 +274,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
                 check.failed.append(f"rank {rank}: {traceback.format_exc()}")
             results[name] = check.failed
             (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+        dist.barrier()  # every rank done before the group is torn down (see examples/ddp_prune.py)
     finally:
         dist.destroy_process_group()
 
