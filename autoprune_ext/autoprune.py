@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .checkpoint import save_atomic as save_atomic  # re-exported: its home before autoprune_ext.checkpoint
 from .convert import convert, masked_modules
 from .optim import NONFINITE_MODES, PENALTY_MODES, AuxAdam
-from .sparsity import LayerCount, enforce_floor, is_dtensor, layer_counts
+from .sparsity import LayerCount, enforce_floor, is_dtensor, layer_counts, several_processes
 from .training import (
     Batch,
     BatchLossFn,
@@ -259,9 +259,7 @@ class AutoPrune:
             if cfg.aux_nonfinite != "raise":
                 raise ValueError("fused_aux_step: needs aux_nonfinite='raise' (a step taken inside backward cannot "
                                  f"be skipped afterwards), got {cfg.aux_nonfinite!r}")
-            if _is_ddp(model) or self._sharded() or (torch.distributed.is_available()
-                                                     and torch.distributed.is_initialized()
-                                                     and torch.distributed.get_world_size() > 1):
+            if _is_ddp(model) or self._sharded() or several_processes():
                 raise ValueError("fused_aux_step: single process only (the mask gradients must be averaged over the "
                                  "ranks before the step)")
         self.fused_aux_step = bool(fused_aux_step)

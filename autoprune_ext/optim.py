@@ -17,7 +17,7 @@ from . import _build, _checks
 from . import ops as _ops
 from . import reference as ref
 from .convert import masked_modules
-from .sparsity import is_dtensor, local, sum_over_shards
+from .sparsity import is_dtensor, local, several_processes, sum_over_shards
 
 Penalty = float | Mapping[str, float]
 
@@ -498,10 +498,11 @@ class AuxAdam(torch.optim.Optimizer):
         ``memory="standard"``, bfloat16 with ``"bf16_sr"``, whose noise is the same), in groups with
         the softplus surrogate, ``penalty_mode="mean"`` (or no penalty) and no ``inv_abs_weight``,
         in masked linear layers of weight granularity with float32 or bfloat16 weights and inputs of
-        the weight's dtype, whose gradient the backward keeps and gets from that layer alone. Every other aux tensor gets its gradient as usual and is stepped by
-        :meth:`step` when the block exits: convolutions, unit granularity, other backends,
-        ``torch.compile``, ``create_graph``, ``torch.autograd.grad`` and ``backward(inputs=...)``
-        without the aux, an aux shared by two layers or also used directly by the loss.
+        the weight's dtype, whose gradient the backward keeps and gets from that layer alone. Every
+        other aux tensor gets its gradient as usual and is stepped by :meth:`step` when the block
+        exits: convolutions, unit granularity, other backends, ``torch.compile``, ``create_graph``,
+        ``torch.autograd.grad`` and ``backward(inputs=...)`` without the aux, an aux shared by two
+        layers or also used directly by the loss.
 
         Rules:
 
@@ -529,8 +530,7 @@ class AuxAdam(torch.optim.Optimizer):
         if self.nonfinite != "raise":
             raise ValueError(f"fused_step: needs nonfinite='raise' (the step is taken inside backward and "
                              f"cannot be skipped afterwards), got nonfinite={self.nonfinite!r}")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if several_processes():
             raise RuntimeError("fused_step: single process only (the step would run before the gradients are "
                                "all-reduced); use backward() and step() under DDP / FSDP")
         for gi, group in enumerate(self.param_groups):
@@ -724,11 +724,12 @@ def _round_bf16_with(x: Tensor, noise: Tensor) -> Tensor:
 _M32 = 0xFFFFFFFF
 
 
-def _lowbias32(x: int) -> int:
-    """A 32-bit integer hash (a multiply-xorshift; the C++ kernels' ``lowbias32``)."""
-    x ^= x >> 16
+def _lowbias32(x: Any) -> Any:
+    """A 32-bit integer hash (a multiply-xorshift; the C++ kernels' ``lowbias32``) of an int or of an
+    int64 tensor of values under 2^32 (each product stays under 2^63: no overflow)."""
+    x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32
-    x ^= x >> 15
+    x = x ^ (x >> 15)
     x = (x * 0x735A2D97) & _M32
     return x ^ (x >> 15)
 
@@ -744,12 +745,7 @@ def _sr_noise(shape: torch.Size, key: int, device: torch.device) -> Tensor:
     """16 bits of noise per entry: ``lowbias32(k ^ key) >> 16`` for the entry's flat index ``k`` (mod
     2^32), computed in int64 without overflow (each product is under 2^63). A function of the key and
     the index only, so the fused C++ step (``autoprune_cpp::aux_adam_step_sr_``) draws the same noise."""
-    x = (torch.arange(math.prod(shape), dtype=torch.int64, device=device) & _M32) ^ key
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) & _M32
-    x ^= x >> 15
-    x = (x * 0x735A2D97) & _M32
-    x ^= x >> 15
+    x = _lowbias32((torch.arange(math.prod(shape), dtype=torch.int64, device=device) & _M32) ^ key)
     return (x >> 16).to(torch.int32).reshape(shape)
 
 

@@ -28,6 +28,7 @@ from .convert import finalize, sparsity_report
 from .data import Splits, load_dataset
 from .models import get_model
 from .pruners.magnitude import global_magnitude_prune
+from .sparsity import several_processes
 from .training import accuracy, train_supervised
 
 
@@ -153,10 +154,8 @@ def run(job: PruneJob, log: Any = print) -> dict[str, Any]:
 
     # the job's loss is a function of the outputs: in one process the mask steps can take their Adam
     # step inside backward (the same training bit for bit, where the kernels allow it)
-    one_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                       and torch.distributed.get_world_size() > 1)
     trainer = AutoPrune(parent, job.autoprune,
-                        fused_aux_step=one_process and job.autoprune.aux_nonfinite == "raise")
+                        fused_aux_step=not several_processes() and job.autoprune.aux_nonfinite == "raise")
     if resuming:
         trainer.load(ckpt, run_config=job.run_config(), allow_config_change=job.allow_config_change)
         log(f"resuming from {ckpt} at AutoPrune step {trainer.step_count}")

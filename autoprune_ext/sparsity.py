@@ -32,6 +32,12 @@ def is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
+def several_processes() -> bool:
+    """Whether an initialised ``torch.distributed`` process group has more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (aliasing its storage), or ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t

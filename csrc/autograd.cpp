@@ -24,7 +24,6 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -195,20 +194,16 @@ bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
 void fused_aux_arm(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, int64_t step,
                    double lr, double beta1, double beta2, double eps, double penalty_scale, double rho,
                    at::IntArrayRef sr_keys) {
-  TORCH_CHECK_VALUE(sr_keys.empty() || sr_keys.size() == 3, "sr_keys: expected none or 3, got ", sr_keys.size());
-  const at::ScalarType state_dt = sr_keys.empty() ? at::kFloat : at::kBFloat16;
+  check_sr_state(aux, exp_avg, exp_avg_sq, sr_keys, false, true);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
                                 {exp_avg_sq, "exp_avg_sq"}}) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == state_dt, name, ": expected ", sr_keys.empty() ? "float32" : "bfloat16",
-                     ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() > 0, name, ": expected a contiguous non-empty tensor");
+    TORCH_CHECK_VALUE(t.numel() > 0, name, ": expected a non-empty tensor");
     TORCH_CHECK_VALUE(t.sizes() == aux.sizes(), name, ": expected the shape of aux ", aux.sizes(), ", got ",
                       t.sizes());
   }
   check_adam_scalars(step, lr, beta1, beta2, eps);
-  TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
-                    "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
+  check_penalty_scalars(penalty_scale, rho);
   TORCH_CHECK_VALUE(aux.requires_grad() && aux.is_leaf(), "aux: expected the parameter itself (a leaf that "
                     "requires grad), got a tensor that ", aux.requires_grad() ? "is not a leaf" : "requires no grad");
   NodeRef accumulator = torch::autograd::impl::grad_accumulator(aux);
@@ -281,20 +276,17 @@ bool sole_kept_gradient(const at::Tensor& aux) {
 std::optional<ArmedAux> claim_armed(const at::Tensor& aux) {
   {
     std::lock_guard<std::mutex> lock(armed_mutex());
-    if (armed_table().empty() || aux.numel() == 0) return std::nullopt;
-    auto it = armed_table().find(aux.const_data_ptr());
-    if (it == armed_table().end() || !same_tensor(it->second.aux, aux) ||
-        it->second.thread != std::this_thread::get_id())
-      return std::nullopt;
-    // the armed parameter itself, not another leaf over its memory (functional_call with a detached
-    // copy, a state dict loaded with assign=True into a shadow model)
-    const auto acc = torch::autograd::impl::try_get_grad_accumulator(aux);
-    if (!acc || acc.get() != it->second.accumulator.get()) return std::nullopt;
+    if (armed_table().empty()) return std::nullopt;  // the usual case: no fused_step running
   }
-  if (aux.grad().defined() || !sole_kept_gradient(aux)) return std::nullopt;
+  if (aux.numel() == 0 || aux.grad().defined() || !sole_kept_gradient(aux)) return std::nullopt;
+  // the armed parameter itself, not another leaf over its memory (functional_call with a detached
+  // copy, a state dict loaded with assign=True into a shadow model)
+  const auto acc = torch::autograd::impl::try_get_grad_accumulator(aux);
   std::lock_guard<std::mutex> lock(armed_mutex());
   auto it = armed_table().find(aux.const_data_ptr());
-  if (it == armed_table().end() || !same_tensor(it->second.aux, aux)) return std::nullopt;
+  if (it == armed_table().end() || !same_tensor(it->second.aux, aux) ||
+      it->second.thread != std::this_thread::get_id() || !acc || acc.get() != it->second.accumulator.get())
+    return std::nullopt;
   TORCH_CHECK_VALUE(!it->second.stepped && !it->second.busy,
                     "aux: its Adam step was already taken in this fused_step; fused_step allows one backward "
                     "through each masked layer (no layer used twice in one forward, no second backward, no "

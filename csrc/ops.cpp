@@ -291,27 +291,21 @@ void aux_adam_step_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const a
 }
 
 // aux_adam_step_ for memory="bf16_sr" (optim._sr_adam_step_): bfloat16 aux and moments, the step
-// computed in float32 and every write stochastically rounded with the keyed noise of `keys`
+// computed in float32 and every write stochastically rounded with the keyed noise of `sr_keys`
 // (exp_avg, exp_avg_sq, aux), so that a resumed run repeats it exactly
 void aux_adam_step_sr_cpu(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                           const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& weight,
                           int64_t step, double lr, double beta1, double beta2, double eps, double penalty_scale,
-                          double rho, c10::string_view surrogate, double alpha, at::IntArrayRef keys) {
+                          double rho, c10::string_view surrogate, double alpha, at::IntArrayRef sr_keys) {
   const int sur = surrogate_code(surrogate);
   check_alpha(alpha);
   check_device(aux, "aux", c10::DeviceType::CPU);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
-                                {exp_avg_sq, "exp_avg_sq"}})
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name, ": expected bfloat16 (memory='bf16_sr'), got ",
-                     t.scalar_type());
+  check_sr_state(aux, exp_avg, exp_avg_sq, sr_keys, true, false);  // non-contiguous: through InPlace copies
   TORCH_CHECK_TYPE(!is_f64(grad) && !is_f64(weight), "grad, weight: expected no float64 tensors with bf16_sr");
-  TORCH_CHECK_VALUE(keys.size() == 3, "keys: expected 3 noise keys (exp_avg, exp_avg_sq, aux), got ", keys.size());
-  for (const int64_t key : keys)
-    TORCH_CHECK_VALUE(key >= 0 && key <= 0xffffffffLL, "keys: expected 32-bit unsigned values, got ", key);
   AdamTensors t = prepare_adam(aux, exp_avg, exp_avg_sq, grad, weight, step, lr, beta1, beta2, eps, penalty_scale,
                                rho, sur, alpha, "");
   t.args.sr = true;
-  for (int s = 0; s < 3; ++s) t.args.sr_keys[s] = static_cast<uint32_t>(keys[s]);
+  for (int s = 0; s < 3; ++s) t.args.sr_keys[s] = static_cast<uint32_t>(sr_keys[s]);
   if (t.args.numel > 0) {
     const auto& k = kernel_table();
     at::parallel_for(0, t.args.numel, kGrainSoftplus, [&](int64_t b, int64_t e) { k.adam(t.args, b, e); });
@@ -510,22 +504,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> masked_linear_backward_a
                    grad_out.scalar_type());
   check_device(input, "input", c10::DeviceType::CPU);
   check_device(grad_out, "grad_out", c10::DeviceType::CPU);
-  // memory="standard": float32 aux and moments; "bf16_sr" (three noise keys): bfloat16 ones
-  const bool sr = !sr_keys.empty();
-  TORCH_CHECK_VALUE(!sr || sr_keys.size() == 3, "sr_keys: expected none or 3 (exp_avg, exp_avg_sq, aux), got ",
-                    sr_keys.size());
-  for (const int64_t key : sr_keys)
-    TORCH_CHECK_VALUE(key >= 0 && key <= 0xffffffffLL, "sr_keys: expected 32-bit unsigned values, got ", key);
-  const at::ScalarType state_dt = sr ? at::kBFloat16 : at::kFloat;
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
-                                {exp_avg_sq, "exp_avg_sq"}}) {
-    TORCH_CHECK_TYPE(t.scalar_type() == state_dt, name, ": expected ", sr ? "bfloat16 (with sr_keys)" : "float32",
-                     ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place)");
-  }
+  const bool sr = check_sr_state(aux, exp_avg, exp_avg_sq, sr_keys, false, true);
   checked_adam_set(aux, exp_avg, exp_avg_sq, std::nullopt, std::nullopt, step, lr, beta1, beta2, eps, "");
-  TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
-                    "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
+  check_penalty_scalars(penalty_scale, rho);
   const at::Tensor w = weight.contiguous();
   // the kernel reads W and rewrites aux and the moments entry by entry, and grad_out is read after it
   // wrote (dX, db): aux and the moments may share memory with none of the others
@@ -687,7 +668,7 @@ TORCH_LIBRARY(autoprune_cpp, m) {
   m.def(
       "aux_adam_step_sr_(Tensor(a0!) aux, Tensor(a1!) exp_avg, Tensor(a2!) exp_avg_sq, Tensor? grad, Tensor? weight, "
       "int step, float lr, float beta1, float beta2, float eps, float penalty_scale, float rho, str surrogate, "
-      "float alpha, int[] keys) -> ()");
+      "float alpha, int[] sr_keys) -> ()");
   m.def("nm_scores(Tensor aux, int n, int m) -> Tensor");
   m.def("nonfinite_indices(Tensor[] tensors) -> int[]");
   m.def("cpu_isa() -> str", &autoprune::cpu_isa);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "autoprune_types.h"
 
@@ -92,6 +93,33 @@ inline void check_adam_scalars(int64_t step, double lr, double beta1, double bet
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
                     "betas: expected each in [0, 1), got (", beta1, ", ", beta2, ")");
   TORCH_CHECK_VALUE(lr >= 0.0 && eps >= 0.0, "lr, eps: expected non-negative values, got lr=", lr, ", eps=", eps);
+}
+
+// the penalty's scalars of an Adam step of aux (the optimiser checks its groups; the fused ops again)
+inline void check_penalty_scalars(double penalty_scale, double rho) {
+  TORCH_CHECK_VALUE(std::isfinite(penalty_scale) && penalty_scale >= 0.0 && std::isfinite(rho) && rho >= 0.0,
+                    "penalty_scale, rho: expected non-negative finite values, got ", penalty_scale, ", ", rho);
+}
+
+// The state of an aux Adam step: memory="standard" (no sr_keys; float32 aux and moments) or "bf16_sr"
+// (three noise keys for exp_avg, exp_avg_sq, aux; bfloat16 ones). Checks the keys, the dtypes and,
+// where the kernel writes the tensors in place without a copy, that they are contiguous. True for
+// bf16_sr.
+inline bool check_sr_state(const at::Tensor& aux, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           at::IntArrayRef sr_keys, bool keys_required, bool contiguous) {
+  TORCH_CHECK_VALUE(sr_keys.size() == 3 || (!keys_required && sr_keys.empty()), "sr_keys: expected ",
+                    keys_required ? "3 noise keys" : "none or 3", " (exp_avg, exp_avg_sq, aux), got ",
+                    sr_keys.size());
+  for (const int64_t key : sr_keys)
+    TORCH_CHECK_VALUE(key >= 0 && key <= 0xffffffffLL, "sr_keys: expected 32-bit unsigned values, got ", key);
+  const bool sr = !sr_keys.empty();
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{aux, "aux"}, {exp_avg, "exp_avg"},
+                                {exp_avg_sq, "exp_avg_sq"}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == (sr ? at::kBFloat16 : at::kFloat), name, ": expected ",
+                     sr ? "bfloat16 (with sr_keys)" : "float32", ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(!contiguous || t.is_contiguous(), name, ": expected a contiguous tensor (it is updated in place)");
+  }
+  return sr;
 }
 
 // bias corrections of step `step` (reference.aux_adam_step_): (lr / (1 - beta1^step), sqrt(1 - beta2^step))

@@ -750,6 +750,30 @@ static void adam(const AdamArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+AP_INLINE float stored_to_f32(float v) { return v; }
+AP_INLINE float stored_to_f32(uint16_t v) { return bf16_to_f32(v); }
+
+// The first loop of the fused kernels over the block [off, off + n): T and dW from the aux before its
+// step (A: the aux's storage, float32 or bfloat16 bits; dW may overwrite grad), and grad as float32
+// into gbuf for the second loop. Distinct buffers: the op checked that aux, the moments and W share
+// no memory; grad, dW and T are its own fresh tensors; dW is not touched when kInPlace.
+template <typename U, typename A, bool kT, bool kDW, bool kInPlace>
+AP_INLINE void fused_mask_block(const BackwardArgs& a, const A* __restrict__ m, int64_t off, int64_t n,
+                                float* __restrict__ gbuf) {
+  U* __restrict__ g = static_cast<U*>(const_cast<void*>(a.grad)) + off;  // written only when kInPlace
+  U* __restrict__ dw = kDW && !kInPlace ? static_cast<U*>(a.dW) + off : nullptr;
+  const U* __restrict__ w = static_cast<const U*>(a.weight) + off;
+  U* __restrict__ t = kT ? static_cast<U*>(a.T) + off : nullptr;
+  m += off;
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = bits_to_f32(g[i]);
+    const float x = stored_to_f32(m[i]);
+    gbuf[i] = gi;
+    if (kT) t[i] = x >= 0.0f ? w[i] : U(0);
+    if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? g + i : dw + i);
+  }
+}
+
 // backward_weight_fast with the Adam step of aux fused in (AuxAdam.fused_step): the dM of an entry
 // goes straight into adam_f32_softplus's formulas, bit for bit the two-kernel result, and aux and the
 // moments are written in place of dM. One softplus serves dM and the penalty gradient. Per block of
@@ -758,12 +782,7 @@ static void adam(const AdamArgs& a, int64_t begin, int64_t end) {
 template <typename U, bool kSign, bool kT, bool kDW, bool kInPlace>
 __attribute__((noinline)) static void backward_weight_adam_fast(const BackwardArgs& a, const AdamArgs& o,
                                                                 int64_t begin, int64_t end, int64_t* nonfinite) {
-  // distinct buffers (the op checked that aux, the moments and W share no memory; grad, dW and T
-  // are its own fresh tensors; dw is not touched when kInPlace)
-  U* __restrict__ g = static_cast<U*>(const_cast<void*>(a.grad));  // written only when kInPlace
-  U* __restrict__ dw = static_cast<U*>(a.dW);
   const U* __restrict__ w = static_cast<const U*>(a.weight);
-  U* __restrict__ t = static_cast<U*>(a.T);
   float* __restrict__ m = static_cast<float*>(o.aux);
   float* __restrict__ e1 = static_cast<float*>(o.exp_avg);
   float* __restrict__ e2 = static_cast<float*>(o.exp_avg_sq);
@@ -772,16 +791,9 @@ __attribute__((noinline)) static void backward_weight_adam_fast(const BackwardAr
   uint32_t bad = 0;  // 32-bit, as the float lanes: an int64 count keeps the loop from vectorising
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = imin(kBlock, end - off);
-    U* __restrict__ gb = g + off;
     const U* __restrict__ wb = w + off;
     float* __restrict__ mb = m + off;
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = bits_to_f32(gb[i]);
-      const float x = mb[i];
-      gbuf[i] = gi;
-      if (kT) t[off + i] = x >= 0.0f ? wb[i] : U(0);
-      if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? gb + i : dw + off + i);
-    }
+    fused_mask_block<U, float, kT, kDW, kInPlace>(a, m, off, n, gbuf);
     for (int64_t i = 0; i < n; ++i) {
       const float gi = gbuf[i];
       const float wi = bits_to_f32(wb[i]);
@@ -809,10 +821,7 @@ __attribute__((noinline)) static void backward_weight_adam_fast(const BackwardAr
 template <typename U, bool kSign, bool kT, bool kDW, bool kInPlace>
 __attribute__((noinline)) static void backward_weight_adam_sr(const BackwardArgs& a, const AdamArgs& o,
                                                               int64_t begin, int64_t end, int64_t* nonfinite) {
-  U* __restrict__ g = static_cast<U*>(const_cast<void*>(a.grad));  // written only when kInPlace
-  U* __restrict__ dw = static_cast<U*>(a.dW);
   const U* __restrict__ w = static_cast<const U*>(a.weight);
-  U* __restrict__ t = static_cast<U*>(a.T);
   uint16_t* __restrict__ m = static_cast<uint16_t*>(o.aux);
   uint16_t* __restrict__ e1 = static_cast<uint16_t*>(o.exp_avg);
   uint16_t* __restrict__ e2 = static_cast<uint16_t*>(o.exp_avg_sq);
@@ -821,13 +830,7 @@ __attribute__((noinline)) static void backward_weight_adam_sr(const BackwardArgs
   uint32_t bad = 0;
   for (int64_t off = begin; off < end; off += kBlock) {
     const int64_t n = imin(kBlock, end - off);
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = bits_to_f32(g[off + i]);
-      const float x = bf16_to_f32(m[off + i]);
-      gbuf[i] = gi;
-      if (kT) t[off + i] = x >= 0.0f ? w[off + i] : U(0);
-      if (kDW) f32_to_bits(gi * (x >= 0.0f ? 1.0f : 0.0f), kInPlace ? g + off + i : dw + off + i);
-    }
+    fused_mask_block<U, uint16_t, kT, kDW, kInPlace>(a, m, off, n, gbuf);
     // dM (into gbuf) and the penalty gradient (into nm), then their sum in a loop of its own, as
     // adam_impl adds them: one loop would let the compiler fuse the penalty's product into the sum
     for (int64_t i = 0; i < n; ++i) {
